@@ -1,0 +1,143 @@
+"""The `rdcd` command line. Every subcommand also runs as `python -m jobs.<name>` with the same
+flags, so a laptop run and a `ray job submit` run share one code path."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from rdcd.decode import DecodeError
+from rdcd.io import StorageError
+from rdcd.metrics import MetricError
+from rdcd.models.embedder import ModelError
+
+USER_ERRORS = (StorageError, ModelError, DecodeError, MetricError, ValueError, FileNotFoundError)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def print_metrics(result: dict) -> None:
+    counts = result.get("counts", {})
+    print(f"model            {result['model']['name']} ({result['model']['fingerprint'][:12]})")
+    print(
+        f"images           {counts.get('references')} references, {counts.get('queries')} queries, "
+        f"{counts.get('background')} background, {counts.get('errors')} undecodable"
+    )
+    print(f"µAP              {_fmt(result['uap'])}")
+    print(f"µAP (score-norm) {_fmt(result.get('uap_sn'))}")
+    print(f"recall@P90       {_fmt(result.get('recall_at_p90_sn', result['recall_at_p90']))}")
+    print(f"recall@1         {_fmt(result['recall_at_1'])}")
+    t = result.get("timings", {})
+    print(f"time             {t.get('total_seconds')} s ({t.get('images_per_second')} images/s)")
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disc-root", help="folder (or s3:// prefix) in the DISC2021 layout")
+    p.add_argument("--model", default="sscd", help="`sscd` (the teacher) or a student checkpoint")
+    p.add_argument("--teacher", help="teacher file: .torchvision.pt, .torchscript.pt or .onnx")
+    p.add_argument("--out", default="eval", help="where predictions and metrics.json go")
+    p.add_argument("--references", help="override the references folder")
+    p.add_argument("--queries", help="override the queries folder")
+    p.add_argument("--background", help="override the background (train) folder")
+    p.add_argument("--ground-truth", help="override the ground-truth CSV")
+    p.add_argument("--k", type=int, default=10, help="references retrieved per query")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--beta", type=float, default=1.0, help="score-normalisation strength")
+    p.add_argument("--max-background", type=int, help="subsample the background set")
+    p.add_argument("--whiten", action="store_true", help="PCA-whiten on the background set")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rdcd.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(
+        disc_root=args.disc_root,
+        model=args.model,
+        out=args.out,
+        references=args.references,
+        queries=args.queries,
+        background=args.background,
+        ground_truth=args.ground_truth,
+        teacher=args.teacher,
+        k=args.k,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        beta=args.beta,
+        max_background=args.max_background,
+        whiten=args.whiten,
+        progress=not args.no_progress,
+    )
+    result = evaluate(cfg)
+    print_metrics(result)
+    print(f"wrote {cfg.out}/metrics.json and predictions")
+    return 0
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="rdcd-demo", help="folder for the demo set and results")
+    p.add_argument("--images", help="your own folder of photos instead of the bundled ones")
+    p.add_argument("--model", default="sscd", help="model to evaluate (default: the teacher)")
+    p.add_argument("--teacher", help="teacher file: .torchvision.pt, .torchscript.pt or .onnx")
+    p.add_argument("--copies", type=int, default=2, help="edited copies per reference photo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rdcd.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        out=args.out,
+        images=args.images,
+        model=args.model,
+        teacher=args.teacher,
+        copies_per_reference=args.copies,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(f"building a DISC-layout demo set under {cfg.out}/data ...")
+    result = run_demo(cfg)
+    print_metrics(result)
+    print(f"results: {cfg.out}/eval/metrics.json, predictions in {cfg.out}/eval/")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {
+    "demo": ("end to end on a bundled photo set", add_demo_args, cmd_demo),
+    "evaluate": ("DISC2021 µAP of a model on a DISC-layout folder", add_evaluate_args, cmd_evaluate),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rdcd", description="Image copy detection at scale.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command][2](args)
+    except USER_ERRORS as exc:
+        print(f"rdcd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rdcd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""DISC2021-style evaluation of a descriptor model: embed, retrieve, score, report.
+
+Reads a folder in the DISC2021 layout (`references/`, `queries/` or `dev_queries/` or
+`final_queries/`, `train/` or `training/` as the background set, and a ground-truth CSV), embeds
+everything with the model, retrieves the k nearest references of every query, and writes
+`predictions.csv` (raw cosine), `predictions_sn.csv` (score-normalised against the background set)
+and `metrics.json`. The same code serves a 60-image demo folder and the 1M-image dev set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from rdcd import io as rio
+from rdcd.embed import EmbeddedSet, embed_files
+from rdcd.metrics import GroundTruth, Match, evaluate_predictions, read_ground_truth, write_predictions
+from rdcd.models import load_model
+from rdcd.search import ScoreNormalizer, Whitening, search
+
+log = logging.getLogger(__name__)
+
+QUERY_DIRS = ("queries", "dev_queries", "final_queries")
+BACKGROUND_DIRS = ("train", "training")
+
+
+class LayoutError(ValueError):
+    """A DISC folder that lacks a part evaluation needs."""
+
+
+@dataclass
+class EvalConfig:
+    """`rdcd evaluate` options; every path may be a local path or an s3:// URI."""
+
+    disc_root: str | None = None
+    model: str = "sscd"
+    out: str = "eval"
+    references: str | None = None
+    queries: str | None = None
+    background: str | None = None
+    ground_truth: str | None = None
+    teacher: str | None = None
+    k: int = 10
+    batch_size: int = 32
+    workers: int = 2
+    beta: float = 1.0
+    sn_neighbours: int = 3
+    max_background: int | None = None
+    whiten: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class DiscLayout:
+    references: str
+    queries: str
+    background: str | None
+    ground_truth: str
+
+
+def _first_existing(root: str, names: tuple[str, ...]) -> str | None:
+    for name in names:
+        path = rio.join(root, name)
+        if rio.exists(path):
+            return path
+    return None
+
+
+def _find_ground_truth(root: str, queries: str) -> str | None:
+    """A CSV directly under `root` named like ground truth; `dev_*` for `dev_queries/`, etc."""
+    names = [
+        f.uri
+        for f in rio.list_files(root, (".csv",), recursive=False)
+        if any(t in rio.stem(f.uri).lower() for t in ("ground_truth", "groundtruth", "gt"))
+    ]
+    if not names:
+        return None
+    prefix = rio.stem(queries).split("_")[0].lower()  # "dev", "final" or "queries"
+    names.sort(key=lambda u: (not rio.stem(u).lower().startswith(prefix), len(u), u))
+    return names[0]
+
+
+def resolve_layout(cfg: EvalConfig) -> DiscLayout:
+    """Explicit flags win; otherwise the DISC2021 names under `disc_root`."""
+    root = cfg.disc_root
+    if root is None and not (cfg.references and cfg.queries and cfg.ground_truth):
+        raise LayoutError("give --disc-root, or all of --references, --queries and --ground-truth")
+    refs = cfg.references or _first_existing(root, ("references",))
+    queries = cfg.queries or _first_existing(root, QUERY_DIRS)
+    background = cfg.background or (_first_existing(root, BACKGROUND_DIRS) if root else None)
+    if not refs:
+        raise LayoutError(f"{root}: no references/ folder (or pass --references)")
+    if not queries:
+        raise LayoutError(f"{root}: none of {', '.join(QUERY_DIRS)} found (or pass --queries)")
+    gt = cfg.ground_truth or (_find_ground_truth(root, queries) if root else None)
+    if not gt:
+        raise LayoutError(f"{root}: no ground-truth CSV found (or pass --ground-truth)")
+    return DiscLayout(refs, queries, background, gt)
+
+
+def _list_images(uri: str, what: str) -> list[str]:
+    files = [f.uri for f in rio.list_files(uri, rio.IMAGE_SUFFIXES)]
+    if not files:
+        raise LayoutError(f"{what} folder {uri} holds no images")
+    return files
+
+
+def _ids(embedded: EmbeddedSet, what: str) -> list[str]:
+    ids = [rio.stem(u) for u in embedded.uris]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise LayoutError(f"{what}: two files share the id {dup!r} (ids are file names without extension)")
+    return ids
+
+
+def _predictions(q_ids: list[str], r_ids: list[str], idx: np.ndarray, scores: np.ndarray) -> list[Match]:
+    out = []
+    for qi, q in enumerate(q_ids):
+        for j, s in zip(idx[qi], scores[qi]):
+            if j >= 0:
+                out.append(Match(q, r_ids[j], float(s)))
+    return out
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the evaluation and write its files under `cfg.out`; returns the metrics dict."""
+    t_start = time.perf_counter()
+    layout = resolve_layout(cfg)
+    gt: GroundTruth = read_ground_truth(layout.ground_truth)
+    ref_files = _list_images(layout.references, "references")
+    query_files = _list_images(layout.queries, "queries")
+    bg_files = _list_images(layout.background, "background") if layout.background else []
+    if cfg.max_background and len(bg_files) > cfg.max_background:
+        bg_files = sorted(random.Random(cfg.seed).sample(bg_files, cfg.max_background))
+    model = load_model(cfg.model, teacher=cfg.teacher)
+    log.info("evaluating %s (%s) on %s", model.name, model.fingerprint[:12], layout)
+
+    def run(files: list[str], what: str) -> EmbeddedSet:
+        return embed_files(model, files, batch_size=cfg.batch_size, workers=cfg.workers,
+                           progress=cfg.progress, desc=what)
+
+    refs, queries = run(ref_files, "references"), run(query_files, "queries")
+    background = run(bg_files, "background") if bg_files else None
+    r_ids, q_ids = _ids(refs, "references"), _ids(queries, "queries")
+
+    r_emb, q_emb = refs.embeddings, queries.embeddings
+    b_emb = background.embeddings if background is not None and len(background.uris) else None
+    if cfg.whiten:
+        if b_emb is None:
+            raise LayoutError("--whiten needs a background set (train/ or --background)")
+        white = Whitening.fit(b_emb)
+        r_emb, q_emb, b_emb = white.apply(r_emb), white.apply(q_emb), white.apply(b_emb)
+
+    t_search = time.perf_counter()
+    normalizer = ScoreNormalizer(b_emb, cfg.beta, cfg.sn_neighbours) if b_emb is not None else None
+    found = search(q_emb, r_emb, cfg.k, normalizer)
+    search_seconds = time.perf_counter() - t_search
+
+    raw_preds = _predictions(q_ids, r_ids, found.indices, found.raw_scores)
+    rio.makedirs(cfg.out)
+    write_predictions(rio.join(cfg.out, "predictions.csv"), raw_preds)
+    metrics = evaluate_predictions(raw_preds, gt)
+    result: dict = {
+        "uap": metrics["uap"],
+        "uap_sn": None,
+        "recall_at_p90": metrics["recall_at_p90"],
+        "threshold_at_p90": metrics["threshold_at_p90"],
+        "recall_at_1": metrics["recall_at_1"],
+    }
+    if normalizer is not None:
+        sn_preds = _predictions(q_ids, r_ids, found.indices, found.scores)
+        write_predictions(rio.join(cfg.out, "predictions_sn.csv"), sn_preds)
+        sn = evaluate_predictions(sn_preds, gt)
+        result.update(uap_sn=sn["uap"], recall_at_p90_sn=sn["recall_at_p90"],
+                      threshold_at_p90_sn=sn["threshold_at_p90"])
+    errors = {**refs.errors, **queries.errors, **(background.errors if background else {})}
+    total_images = len(refs.uris) + len(queries.uris) + (len(background.uris) if background else 0)
+    embed_seconds = refs.seconds + queries.seconds + (background.seconds if background else 0.0)
+    result.update(
+        model={**model.describe(), "spec": cfg.model},
+        counts={
+            "references": len(refs.uris),
+            "queries": len(queries.uris),
+            "background": len(background.uris) if background else 0,
+            "errors": len(errors),
+            "gt_pairs": metrics["n_gt_pairs"],
+            "gt_queries": metrics["n_queries"],
+            "predictions": metrics["n_predictions"],
+        },
+        timings={
+            "embed_seconds": round(embed_seconds, 3),
+            "images_per_second": round(total_images / embed_seconds, 2) if embed_seconds else None,
+            "search_seconds": round(search_seconds, 3),
+            "total_seconds": round(time.perf_counter() - t_start, 3),
+        },
+        layout=asdict(layout),
+        config={k: v for k, v in asdict(cfg).items() if k != "progress"},
+        errors=[{"uri": u, "error": e} for u, e in sorted(errors.items())],
+    )
+    rio.write_text(rio.join(cfg.out, "metrics.json"), json.dumps(result, indent=2))
+    return result

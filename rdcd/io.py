@@ -1,0 +1,217 @@
+"""One way to read, write and list files, whether they live on local disk or in S3.
+
+Every job takes URIs (`s3://bucket/prefix` or a local path), so the same command runs on a laptop
+and on a cluster. S3 endpoint and credentials come from the standard AWS environment variables
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, or an
+instance profile), so MinIO, R2 and moto work without code changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class StorageError(RuntimeError):
+    """A URI could not be read, written or listed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed file: enough to detect that it changed between two runs."""
+
+    uri: str
+    size: int
+    version: str  # S3 ETag, or the local modification time in nanoseconds
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith(("s3://", "s3a://"))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or S3 URI."""
+    if is_s3(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return str(Path(base, *parts))
+
+
+def s3_options() -> dict[str, Any]:
+    """s3fs options from the AWS environment; credentials are left to botocore's chain."""
+    opts: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs: dict[str, Any] = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    if os.environ.get("AWS_S3_ANONYMOUS") == "1":
+        opts["anon"] = True
+    return opts
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the filesystem for `uri` and the path inside it.
+
+    A fresh s3fs instance per call (no instance cache) so that a change of environment, e.g. a
+    test's moto endpoint, is always honoured.
+    """
+    if is_s3(uri):
+        import s3fs
+
+        path = uri.split("://", 1)[1]
+        return s3fs.S3FileSystem(skip_instance_cache=True, **s3_options()), path
+    return fsspec.filesystem("file"), str(Path(uri).expanduser().absolute())
+
+
+def arrow_filesystem(uri: str):  # -> tuple[pyarrow.fs.FileSystem, str]
+    """The pyarrow filesystem for `uri`, for Ray Data and Parquet readers that want one."""
+    import pyarrow.fs as pafs
+
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+    kwargs: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs["endpoint_override"] = host or scheme
+        kwargs["scheme"] = scheme if host else "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
+
+
+def _explain(uri: str, action: str, exc: BaseException) -> StorageError:
+    text = f"{type(exc).__name__}: {exc}"
+    hint = ""
+    lowered = text.lower()
+    if "credential" in lowered or "nocredentialserror" in lowered:
+        hint = " (no AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+    elif "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+        hint = " (the bucket does not exist)"
+    elif "accessdenied" in lowered or "forbidden" in lowered or "invalidaccesskeyid" in lowered:
+        hint = " (access denied: check the credentials and the bucket policy)"
+    elif isinstance(exc, FileNotFoundError):
+        hint = " (no such file or prefix)"
+    return StorageError(f"cannot {action} {uri!r}{hint}: {text}")
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except Exception as exc:  # noqa: BLE001 - every backend error becomes one typed error
+        raise _explain(uri, "read", exc) from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file. Local writes go through a temporary name and a rename, so a reader
+    never sees half a file; S3 PUTs are atomic already."""
+    fs, path = filesystem(uri)
+    try:
+        if is_s3(uri):
+            with fs.open(path, "wb") as f:
+                f.write(data)
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, "write", exc) from exc
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return bool(fs.exists(path))
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, "check", exc) from exc
+
+
+def makedirs(uri: str) -> None:
+    """Create a local directory; a no-op on S3, where prefixes need no creation."""
+    if not is_s3(uri):
+        Path(uri).expanduser().mkdir(parents=True, exist_ok=True)
+
+
+def _to_uri(uri: str, path: str) -> str:
+    if is_s3(uri):
+        return "s3://" + path.lstrip("/")
+    return path
+
+
+def list_files(
+    uri: str, suffixes: tuple[str, ...] | None = None, recursive: bool = True
+) -> list[FileInfo]:
+    """Every file under `uri` (recursively unless told not to), sorted by URI, with size and
+    version.
+
+    `uri` may also name a single file. Hidden files and directories (a leading dot) are skipped.
+    `suffixes` filters by lower-cased extension, e.g. `IMAGE_SUFFIXES`.
+    """
+    fs, path = filesystem(uri)
+    try:
+        if fs.isfile(path):
+            entries = {path: fs.info(path)}
+        elif fs.isdir(path):
+            if recursive:
+                entries = fs.find(path, detail=True)
+            else:
+                entries = {e["name"]: e for e in fs.ls(path, detail=True)}
+        else:
+            raise FileNotFoundError(path)
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, "list", exc) from exc
+    root = path.rstrip("/")
+    out: list[FileInfo] = []
+    for name, info in entries.items():
+        if info.get("type", "file") != "file":
+            continue
+        rel = name[len(root) :].lstrip("/") if name.startswith(root) else name
+        if any(part.startswith(".") for part in rel.split("/") if part):
+            continue
+        if suffixes and not name.lower().endswith(tuple(s.lower() for s in suffixes)):
+            continue
+        version = info.get("ETag") or info.get("etag")
+        if version:
+            version = str(version).strip('"')
+        else:
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            version = str(int(float(mtime) * 1e9))
+        out.append(FileInfo(uri=_to_uri(uri, name), size=int(info.get("size") or 0), version=version))
+    out.sort(key=lambda f: f.uri)
+    log.debug("listed %d files under %s", len(out), uri)
+    return out
+
+
+def stem(uri: str) -> str:
+    """File name without directory and extension: the id DISC2021 uses for an image."""
+    return posixpath.splitext(posixpath.basename(str(uri).rstrip("/")))[0]

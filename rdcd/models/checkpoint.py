@@ -1,0 +1,121 @@
+"""Self-describing student checkpoints: one file that rebuilds the model and proves its identity.
+
+A checkpoint holds the weights, the `StudentConfig` (backbone, dims, image size, mean/std) and a
+fingerprint: sha256 over every tensor and the preprocessing. The fingerprint travels into every
+Parquet shard and index built with the model, so a server can refuse descriptors that came from
+another model. Files are read with `torch.load(weights_only=True)` only: a checkpoint from an
+untrusted bucket can carry tensors and plain values, never code.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import torch
+
+from rdcd import io as rio
+from rdcd.models.embedder import ModelError, TorchEmbedder, preprocessing_fingerprint, sha256_hex
+from rdcd.models.student import StudentConfig, StudentNet
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rdcd-student-v1"
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def fingerprint_of(state_dict: dict[str, torch.Tensor], config: StudentConfig) -> str:
+    """sha256 of the weights exactly as stored (names, dtypes, shapes, bytes) and the config."""
+    chunks = [b"rdcd-student-v1\n", preprocessing_fingerprint(config.to_dict())]
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        chunks.append(f"\n{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        chunks.append(_tensor_bytes(t))
+    return sha256_hex(*chunks)
+
+
+def checkpoint_bytes(
+    model: StudentNet, *, half: bool = False, meta: dict[str, Any] | None = None
+) -> tuple[bytes, str]:
+    """Serialise `model`; `half=True` stores floating weights as fp16 (half the size)."""
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        state[k] = v.half() if half and v.is_floating_point() else v.clone()
+    fp = fingerprint_of(state, model.config)
+    payload = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "state_dict": state,
+        "fingerprint": fp,
+        "meta": dict(meta or {}),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue(), fp
+
+
+def save_checkpoint(
+    model: StudentNet, uri: str, *, half: bool = False, meta: dict[str, Any] | None = None
+) -> str:
+    """Write a checkpoint to a local path or `s3://` URI; returns its fingerprint."""
+    data, fp = checkpoint_bytes(model, half=half, meta=meta)
+    rio.write_bytes(uri, data)
+    log.info("saved student checkpoint %s (%d bytes, fingerprint %s)", uri, len(data), fp[:12])
+    return fp
+
+
+def parse_checkpoint(data: bytes, source: str = "<bytes>") -> tuple[StudentNet, str, dict]:
+    """Rebuild the model from checkpoint bytes, verifying format and fingerprint."""
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickles with code, truncation, garbage
+        raise ModelError(
+            f"{source} is not a loadable rdcd checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ModelError(
+            f"{source} is not an rdcd student checkpoint (format {got!r}, expected {FORMAT!r}); "
+            "use `sscd` for the teacher"
+        )
+    config = StudentConfig.from_dict(payload["config"])
+    state = payload["state_dict"]
+    fp = fingerprint_of(state, config)
+    if fp != payload.get("fingerprint"):
+        raise ModelError(
+            f"{source}: fingerprint mismatch (stored {str(payload.get('fingerprint'))[:12]}, "
+            f"computed {fp[:12]}): the file was modified or corrupted"
+        )
+    model = StudentNet(config)
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as exc:
+        raise ModelError(f"{source}: weights do not fit {config.backbone}: {exc}") from exc
+    return model.eval(), fp, dict(payload.get("meta") or {})
+
+
+def load_student(uri: str, device: str | None = None, precision: str = "fp32") -> TorchEmbedder:
+    """Load a student checkpoint from a path or URI as a ready `Embedder`."""
+    try:
+        data = rio.read_bytes(uri)
+    except rio.StorageError as exc:
+        raise ModelError(f"cannot load model {uri!r}: {exc}") from exc
+    model, fp, _ = parse_checkpoint(data, uri)
+    cfg = model.config
+    return TorchEmbedder(
+        model,
+        name=f"student:{cfg.backbone}/{cfg.dim}",
+        dim=cfg.dim,
+        image_size=cfg.image_size,
+        fingerprint=fp,
+        mean=cfg.mean,
+        std=cfg.std,
+        device=device,
+        precision=precision,
+    )

