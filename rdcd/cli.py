@@ -110,7 +110,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {
     "demo": ("end to end on a bundled photo set", add_demo_args, cmd_demo),
-    "evaluate": ("DISC2021 µAP of a model on a DISC-layout folder", add_evaluate_args, cmd_evaluate),
+    "evaluate": (
+        "DISC2021 µAP of a model on a DISC-layout folder",
+        add_evaluate_args,
+        cmd_evaluate,
+    ),
 }
 
 

@@ -79,8 +79,14 @@ def _decodable(uri: str) -> bool:
         return False
 
 
-def build_demo_set(photos: list[str], root: str, copies: int = 2, seed: int = 0,
-                   reference_share: float = 0.55, distractor_share: float = 0.2) -> dict[str, int]:
+def build_demo_set(
+    photos: list[str],
+    root: str,
+    copies: int = 2,
+    seed: int = 0,
+    reference_share: float = 0.55,
+    distractor_share: float = 0.2,
+) -> dict[str, int]:
     """Write a DISC-layout folder under `root` from `photos`; returns its counts.
 
     Photos are split three ways, disjointly: references (each gets `copies` edited queries),
@@ -132,8 +138,13 @@ def build_demo_set(photos: list[str], root: str, copies: int = 2, seed: int = 0,
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([("id", "source", "edits"), *sources])
     rio.write_text(rio.join(root, "sources.csv"), buf.getvalue())
-    return {"references": len(refs), "queries": q, "background": t,
-            "copies": sum(1 for _, r in gt if r), "distractors": sum(1 for _, r in gt if not r)}
+    return {
+        "references": len(refs),
+        "queries": q,
+        "background": t,
+        "copies": sum(1 for _, r in gt if r),
+        "distractors": sum(1 for _, r in gt if not r),
+    }
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -143,10 +154,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     else:
         photos = bundled_photos()
     data = rio.join(cfg.out, "data")
-    counts = build_demo_set(photos, data, cfg.copies_per_reference, cfg.seed,
-                            cfg.reference_share, cfg.distractor_share)
+    counts = build_demo_set(
+        photos, data, cfg.copies_per_reference, cfg.seed, cfg.reference_share, cfg.distractor_share
+    )
     log.info("demo set: %s", counts)
-    result = evaluate(EvalConfig(disc_root=data, model=cfg.model, teacher=cfg.teacher,
-                                 out=rio.join(cfg.out, "eval"), progress=cfg.progress))
+    result = evaluate(
+        EvalConfig(
+            disc_root=data,
+            model=cfg.model,
+            teacher=cfg.teacher,
+            out=rio.join(cfg.out, "eval"),
+            progress=cfg.progress,
+        )
+    )
     result["demo_set"] = counts
     return result

@@ -106,7 +106,9 @@ def rotate(img: Image.Image, rng: random.Random) -> Image.Image:
 def pad(img: Image.Image, rng: random.Random) -> Image.Image:
     colour_ = tuple(rng.randint(0, 255) for _ in range(3))
     return imaugs.pad(
-        img.convert("RGB"), w_factor=rng.uniform(0.1, 0.4), h_factor=rng.uniform(0.1, 0.4),
+        img.convert("RGB"),
+        w_factor=rng.uniform(0.1, 0.4),
+        h_factor=rng.uniform(0.1, 0.4),
         color=colour_,
     ).convert("RGB")
 

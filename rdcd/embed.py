@@ -67,7 +67,7 @@ def _batches(
         while pending:
             chunk, futures = pending.popleft()
             submit()
-            yield [(u, f.result()) for u, f in zip(chunk, futures)]
+            yield [(u, f.result()) for u, f in zip(chunk, futures, strict=True)]
 
 
 def embed_files(

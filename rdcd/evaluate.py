@@ -19,7 +19,13 @@ import numpy as np
 
 from rdcd import io as rio
 from rdcd.embed import EmbeddedSet, embed_files
-from rdcd.metrics import GroundTruth, Match, evaluate_predictions, read_ground_truth, write_predictions
+from rdcd.metrics import (
+    GroundTruth,
+    Match,
+    evaluate_predictions,
+    read_ground_truth,
+    write_predictions,
+)
 from rdcd.models import load_model
 from rdcd.search import ScoreNormalizer, Whitening, search
 
@@ -115,14 +121,18 @@ def _ids(embedded: EmbeddedSet, what: str) -> list[str]:
     ids = [rio.stem(u) for u in embedded.uris]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise LayoutError(f"{what}: two files share the id {dup!r} (ids are file names without extension)")
+        raise LayoutError(
+            f"{what}: two files share the id {dup!r} (ids are file names without extension)"
+        )
     return ids
 
 
-def _predictions(q_ids: list[str], r_ids: list[str], idx: np.ndarray, scores: np.ndarray) -> list[Match]:
+def _predictions(
+    q_ids: list[str], r_ids: list[str], idx: np.ndarray, scores: np.ndarray
+) -> list[Match]:
     out = []
     for qi, q in enumerate(q_ids):
-        for j, s in zip(idx[qi], scores[qi]):
+        for j, s in zip(idx[qi], scores[qi], strict=True):
             if j >= 0:
                 out.append(Match(q, r_ids[j], float(s)))
     return out
@@ -142,8 +152,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     log.info("evaluating %s (%s) on %s", model.name, model.fingerprint[:12], layout)
 
     def run(files: list[str], what: str) -> EmbeddedSet:
-        return embed_files(model, files, batch_size=cfg.batch_size, workers=cfg.workers,
-                           progress=cfg.progress, desc=what)
+        return embed_files(
+            model,
+            files,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            progress=cfg.progress,
+            desc=what,
+        )
 
     refs, queries = run(ref_files, "references"), run(query_files, "queries")
     background = run(bg_files, "background") if bg_files else None
@@ -177,8 +193,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         sn_preds = _predictions(q_ids, r_ids, found.indices, found.scores)
         write_predictions(rio.join(cfg.out, "predictions_sn.csv"), sn_preds)
         sn = evaluate_predictions(sn_preds, gt)
-        result.update(uap_sn=sn["uap"], recall_at_p90_sn=sn["recall_at_p90"],
-                      threshold_at_p90_sn=sn["threshold_at_p90"])
+        result.update(
+            uap_sn=sn["uap"],
+            recall_at_p90_sn=sn["recall_at_p90"],
+            threshold_at_p90_sn=sn["threshold_at_p90"],
+        )
     errors = {**refs.errors, **queries.errors, **(background.errors if background else {})}
     total_images = len(refs.uris) + len(queries.uris) + (len(background.uris) if background else 0)
     embed_seconds = refs.seconds + queries.seconds + (background.seconds if background else 0.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,22 @@ from typing import Any
 import fsspec
 
 log = logging.getLogger(__name__)
+
+_AWS_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_S3_ANONYMOUS",
+)
+_S3_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
+_S3_LOCK = threading.Lock()
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -67,14 +84,20 @@ def s3_options() -> dict[str, Any]:
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return the filesystem for `uri` and the path inside it.
 
-    A fresh s3fs instance per call (no instance cache) so that a change of environment, e.g. a
-    test's moto endpoint, is always honoured.
+    S3 clients are costly to create (a session and a connection pool each), so one is kept per
+    process and AWS environment: a change of endpoint or credentials gets a new client.
     """
     if is_s3(uri):
-        import s3fs
-
         path = uri.split("://", 1)[1]
-        return s3fs.S3FileSystem(skip_instance_cache=True, **s3_options()), path
+        key = (os.getpid(), tuple(os.environ.get(k) for k in _AWS_ENV))
+        with _S3_LOCK:
+            fs = _S3_CACHE.get(key)
+            if fs is None:
+                import s3fs
+
+                fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options())
+                _S3_CACHE[key] = fs
+        return fs, path
     return fsspec.filesystem("file"), str(Path(uri).expanduser().absolute())
 
 
@@ -149,6 +172,7 @@ def write_text(uri: str, text: str) -> None:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     try:
+        fs.invalidate_cache(path)  # other processes may have written since the last look
         return bool(fs.exists(path))
     except Exception as exc:  # noqa: BLE001
         raise _explain(uri, "check", exc) from exc
@@ -177,6 +201,7 @@ def list_files(
     """
     fs, path = filesystem(uri)
     try:
+        fs.invalidate_cache(path)  # other processes may have written since the last listing
         if fs.isfile(path):
             entries = {path: fs.info(path)}
         elif fs.isdir(path):
@@ -206,7 +231,9 @@ def list_files(
             if hasattr(mtime, "timestamp"):
                 mtime = mtime.timestamp()
             version = str(int(float(mtime) * 1e9))
-        out.append(FileInfo(uri=_to_uri(uri, name), size=int(info.get("size") or 0), version=version))
+        out.append(
+            FileInfo(uri=_to_uri(uri, name), size=int(info.get("size") or 0), version=version)
+        )
     out.sort(key=lambda f: f.uri)
     log.debug("listed %d files under %s", len(out), uri)
     return out

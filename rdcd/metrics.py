@@ -131,7 +131,9 @@ def recall_at_1(predictions: list[Match], gt: GroundTruth) -> float:
     return hits / len(gt.pairs)
 
 
-def evaluate_predictions(predictions: list[Match], gt: GroundTruth) -> dict[str, float | int | None]:
+def evaluate_predictions(
+    predictions: list[Match], gt: GroundTruth
+) -> dict[str, float | int | None]:
     """All matching metrics in one dict, as `metrics.json` stores them."""
     r90, t90 = recall_at_precision(predictions, gt, 0.9)
     return {

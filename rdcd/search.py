@@ -34,7 +34,9 @@ def knn(queries: np.ndarray, references: np.ndarray, k: int) -> tuple[np.ndarray
     """
     q, r = _as_matrix(queries, "queries"), _as_matrix(references, "references")
     if q.shape[1] != r.shape[1]:
-        raise ValueError(f"dimension mismatch: queries are {q.shape[1]}-d, references {r.shape[1]}-d")
+        raise ValueError(
+            f"dimension mismatch: queries are {q.shape[1]}-d, references {r.shape[1]}-d"
+        )
     k = min(k, len(r))
     if k == 0 or len(q) == 0:
         return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)

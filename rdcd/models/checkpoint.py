@@ -94,7 +94,9 @@ def parse_checkpoint(data: bytes, source: str = "<bytes>") -> tuple[StudentNet, 
         )
     model = StudentNet(config)
     try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        model.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        )
     except RuntimeError as exc:
         raise ModelError(f"{source}: weights do not fit {config.backbone}: {exc}") from exc
     return model.eval(), fp, dict(payload.get("meta") or {})

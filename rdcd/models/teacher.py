@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -92,7 +93,9 @@ def load_sscd_torchvision(uri: str, device: str | None = None, precision: str = 
     state = _unwrap_state_dict(obj, uri)
     fc = state.get("backbone.fc.weight")
     if fc is None or fc.ndim != 2 or fc.shape[1] != 2048:
-        raise ModelError(f"{uri}: no ResNet-50 `fc` layer 2048->d; is this an SSCD torchvision file?")
+        raise ModelError(
+            f"{uri}: no ResNet-50 `fc` layer 2048->d; is this an SSCD torchvision file?"
+        )
     model = SSCDResNet50(dim=int(fc.shape[0]))
     try:
         model.load_state_dict(state, strict=True)
@@ -113,7 +116,9 @@ def load_sscd_torchscript(uri: str, device: str | None = None, precision: str = 
     """Meta's `sscd_*.torchscript.pt`: NCHW normalised floats in, descriptors out."""
     data = _read(uri)
     try:
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream; Meta ships it
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{uri}: not a TorchScript archive ({type(exc).__name__})") from exc
     module.eval()
@@ -149,7 +154,9 @@ class OnnxEmbedder(Embedder):
         try:
             self.session = ort.InferenceSession(data, sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"{uri}: not a loadable ONNX model ({type(exc).__name__}: {exc})") from exc
+            raise ModelError(
+                f"{uri}: not a loadable ONNX model ({type(exc).__name__}: {exc})"
+            ) from exc
         inp = self.session.get_inputs()[0]
         shape = list(inp.shape)
         if inp.type != "tensor(uint8)" or len(shape) != 4 or shape[-1] != 3:
