@@ -85,15 +85,16 @@ class TorchEmbedder(Embedder):
         self.name, self.dim, self.image_size, self.fingerprint = name, dim, image_size, fingerprint
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.float16 if precision == "fp16" and self.device.type == "cuda" else None
-        self.module = module.eval().to(self.device)
+        # channels-last runs convolutions ~1.5x faster on CPU (and on tensor cores) here.
+        self.module = module.eval().to(self.device, memory_format=torch.channels_last)
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
 
     def to_input(self, images: np.ndarray) -> torch.Tensor:
         """uint8 NHWC pixels to the normalised NCHW float tensor the network takes."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float()
-        return (x - self._mean) / self._std
+        x = x.permute(0, 3, 1, 2).float()  # NHWC memory viewed as NCHW: already channels-last
+        return ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def embed(self, images: np.ndarray) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Thin `ray job submit` entry points: `python -m jobs.<name>` takes the flags of `rdcd <name>`."""
