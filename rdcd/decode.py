@@ -53,9 +53,10 @@ def _open(data: bytes, config: DecodeConfig) -> Image.Image:
         raise DecodeError(f"file of {len(data)} bytes exceeds the {config.max_bytes}-byte limit")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # The pixel limit is ours (config.max_pixels, checked below), not PIL's global one.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise DecodeError(f"decompression bomb refused: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise DecodeError(f"not an image: unrecognised format ({_sniff(data)})") from exc

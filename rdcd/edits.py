@@ -25,14 +25,16 @@ _LATIN_FONTS = ("Roboto", "OpenSans", "Lato", "Oswald", "NotoSans", "Raleway", "
 
 
 @lru_cache(maxsize=1)
-def _fonts() -> list[str]:
+def font_files() -> list[str]:
+    """AugLy's bundled TrueType fonts, Latin ones first choice (text stays legible)."""
     files = sorted(f for f in os.listdir(augly_utils.FONTS_DIR) if f.endswith(".ttf"))
     latin = [f for f in files if f.startswith(_LATIN_FONTS)]
     return [os.path.join(augly_utils.FONTS_DIR, f) for f in (latin or files)]
 
 
 @lru_cache(maxsize=1)
-def _emojis() -> list[str]:
+def emoji_files() -> list[str]:
+    """AugLy's bundled Twemoji PNGs."""
     out = []
     for root, _, names in sorted(os.walk(augly_utils.EMOJI_DIR)):
         out.extend(os.path.join(root, n) for n in sorted(names) if n.endswith(".png"))
@@ -57,7 +59,7 @@ def text(img: Image.Image, rng: random.Random) -> Image.Image:
     out = img.convert("RGB").copy()
     draw = ImageDraw.Draw(out)
     size = max(10, int(min(out.size) * rng.uniform(0.08, 0.18)))
-    font = ImageFont.truetype(rng.choice(_fonts()), size)
+    font = ImageFont.truetype(rng.choice(font_files()), size)
     for _ in range(rng.randint(1, 2)):
         pos = (rng.uniform(0, 0.6) * out.size[0], rng.uniform(0, 0.85) * out.size[1])
         colour = tuple(rng.randint(0, 255) for _ in range(3))
@@ -68,7 +70,7 @@ def text(img: Image.Image, rng: random.Random) -> Image.Image:
 def emoji(img: Image.Image, rng: random.Random) -> Image.Image:
     return imaugs.overlay_emoji(
         img.convert("RGB"),
-        emoji_path=rng.choice(_emojis()),
+        emoji_path=rng.choice(emoji_files()),
         emoji_size=rng.uniform(0.15, 0.35),
         opacity=rng.uniform(0.7, 1.0),
         x_pos=rng.uniform(0.0, 0.7),
