@@ -37,11 +37,18 @@ def resolve_teacher_uri(teacher: str | None = None) -> str:
 
 
 def load_model(
-    spec: str, *, teacher: str | None = None, device: str | None = None, precision: str = "fp32"
+    spec: str,
+    *,
+    teacher: str | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
+    teacher_size: int | None = None,
 ) -> Embedder:
-    """Load the model named by `spec` (`sscd` or a student checkpoint path/URI)."""
+    """Load the model named by `spec` (`sscd` or a student checkpoint path/URI).
+    `teacher_size` changes a teacher's input size (students keep their checkpoint's)."""
     if spec.lower() in TEACHER_NAMES:
-        return load_teacher(resolve_teacher_uri(teacher), device=device, precision=precision)
+        uri = resolve_teacher_uri(teacher)
+        return load_teacher(uri, device=device, precision=precision, image_size=teacher_size)
     if spec.lower().endswith((".onnx", ".torchscript.pt", ".torchvision.pt")):
-        return load_teacher(spec, device=device, precision=precision)
+        return load_teacher(spec, device=device, precision=precision, image_size=teacher_size)
     return load_student(spec, device=device, precision=precision)

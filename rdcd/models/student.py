@@ -81,5 +81,7 @@ class StudentNet(nn.Module):
         z = F.normalize(self.head(h), dim=1)
         return h, z
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[1]
+    def forward(self, x: torch.Tensor, return_hidden: bool = False):
+        """The descriptor; with `return_hidden`, (`h_S`, descriptor) as for distillation."""
+        h, z = self.forward_features(x)
+        return (h, z) if return_hidden else z

@@ -83,7 +83,12 @@ def _unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_sscd_torchvision(uri: str, device: str | None = None, precision: str = "fp32") -> Embedder:
+def load_sscd_torchvision(
+    uri: str,
+    device: str | None = None,
+    precision: str = "fp32",
+    image_size: int = TEACHER_IMAGE_SIZE,
+) -> Embedder:
     """Meta's `sscd_*.torchvision.pt` (a state dict; never unpickled beyond tensors)."""
     data = _read(uri)
     try:
@@ -105,14 +110,19 @@ def load_sscd_torchvision(uri: str, device: str | None = None, precision: str = 
         model,
         name="sscd-torchvision",
         dim=int(fc.shape[0]),
-        image_size=TEACHER_IMAGE_SIZE,
-        fingerprint=_fingerprint(data, "torchvision", TEACHER_IMAGE_SIZE),
+        image_size=image_size,
+        fingerprint=_fingerprint(data, "torchvision", image_size),
         device=device,
         precision=precision,
     )
 
 
-def load_sscd_torchscript(uri: str, device: str | None = None, precision: str = "fp32") -> Embedder:
+def load_sscd_torchscript(
+    uri: str,
+    device: str | None = None,
+    precision: str = "fp32",
+    image_size: int = TEACHER_IMAGE_SIZE,
+) -> Embedder:
     """Meta's `sscd_*.torchscript.pt`: NCHW normalised floats in, descriptors out."""
     data = _read(uri)
     try:
@@ -128,8 +138,8 @@ def load_sscd_torchscript(uri: str, device: str | None = None, precision: str = 
         module,
         name="sscd-torchscript",
         dim=dim,
-        image_size=TEACHER_IMAGE_SIZE,
-        fingerprint=_fingerprint(data, "torchscript", TEACHER_IMAGE_SIZE),
+        image_size=image_size,
+        fingerprint=_fingerprint(data, "torchscript", image_size),
         device=device,
         precision=precision,
     )
@@ -195,11 +205,15 @@ def installed_onnx_teacher() -> str | None:
     return path if os.path.exists(path) else None
 
 
-def load_teacher(uri: str, device: str | None = None, precision: str = "fp32") -> Embedder:
-    """Pick the loader by file name: `.onnx`, `*torchscript*`, else a torchvision state dict."""
+def load_teacher(
+    uri: str, device: str | None = None, precision: str = "fp32", image_size: int | None = None
+) -> Embedder:
+    """Pick the loader by file name: `.onnx`, `*torchscript*`, else a torchvision state dict.
+    `image_size` overrides the 288 px evaluation size (training feeds 224 px views)."""
+    size = image_size or TEACHER_IMAGE_SIZE
     name = os.path.basename(uri).lower()
     if name.endswith(".onnx"):
-        return OnnxEmbedder(uri)
+        return OnnxEmbedder(uri, image_size=size)
     if "torchscript" in name or name.endswith((".ts", ".jit")):
-        return load_sscd_torchscript(uri, device, precision)
-    return load_sscd_torchvision(uri, device, precision)
+        return load_sscd_torchscript(uri, device, precision, size)
+    return load_sscd_torchvision(uri, device, precision, size)

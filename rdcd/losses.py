@@ -1,0 +1,71 @@
+"""The three RDCD loss terms and the FIFO queues they read.
+
+Notation: `z` are L2-normalised student descriptors (d-dim), `k` the momentum student's
+descriptors of the other view, `Q` a FIFO queue of past momentum keys, `h_s` the student's 512-d
+projection, `h_t` the teacher's 512-d descriptor, `M` a FIFO memory of past teacher descriptors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeatureQueue(nn.Module):
+    """A FIFO ring buffer of unit vectors, initialised with random unit vectors (as in MoCo),
+    kept as a buffer so it moves with the module and is saved in its state dict."""
+
+    def __init__(self, size: int, dim: int, generator: torch.Generator | None = None):
+        super().__init__()
+        init = F.normalize(torch.randn(size, dim, generator=generator), dim=1)
+        self.register_buffer("items", init)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.items.shape[0]
+
+    @torch.no_grad()
+    def enqueue(self, batch: torch.Tensor) -> None:
+        """Overwrite the oldest entries with `batch` (wrapping around the end)."""
+        batch = batch.detach().to(self.items.dtype)
+        n = batch.shape[0]
+        if n > self.size:
+            batch, n = batch[-self.size :], self.size
+        start = int(self.ptr)
+        idx = (torch.arange(n, device=self.items.device) + start) % self.size
+        self.items[idx] = batch
+        self.ptr.fill_((start + n) % self.size)
+
+
+def contrastive_loss(z: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float = 0.07):
+    """MoCo-v2 InfoNCE: logits = [z_i·k_i, z_i·Q_j] / t, cross-entropy with the positive at 0.
+
+    L_con = -mean_i log( exp(z_i·k_i / t) / (exp(z_i·k_i / t) + sum_j exp(z_i·Q_j / t)) )
+    """
+    pos = (z * k).sum(dim=1, keepdim=True)
+    neg = z @ queue.T
+    logits = torch.cat([pos, neg], dim=1) / t
+    labels = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+    return F.cross_entropy(logits, labels)
+
+
+def hard_negative_loss(z: torch.Tensor, queue: torch.Tensor, floor: float = 1e-3):
+    """Push each descriptor away from its most similar queue entry.
+
+    L_hn = -mean_i log( clamp(1 - max_j z_i·Q_j, min=floor) )
+    """
+    hardest = (z @ queue.T).max(dim=1).values
+    return -torch.log(torch.clamp(1.0 - hardest, min=floor)).mean()
+
+
+def relational_loss(h_s: torch.Tensor, h_t: torch.Tensor, memory: torch.Tensor, t: float = 0.04):
+    """Match the student's similarity distribution over the teacher memory to the teacher's.
+
+    p_T = softmax(norm(h_t)·M / t), p_S = softmax(norm(h_s)·M / t),
+    L_rel = mean_i KL(p_T,i || p_S,i) = mean_i sum_j p_T,ij (log p_T,ij - log p_S,ij)
+    """
+    log_p_t = F.log_softmax(F.normalize(h_t, dim=1) @ memory.T / t, dim=1)
+    log_p_s = F.log_softmax(F.normalize(h_s, dim=1) @ memory.T / t, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
