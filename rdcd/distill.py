@@ -83,6 +83,7 @@ class DistillConfig:
     max_failures: int = 2
     teacher_actors: int = 1
     teacher_cpus: float = 0.5
+    teacher_gpus: float = 0.0  # > 0: teacher actors run the (torch) teacher on a GPU share
     view_cpus: float = 0.25
     max_images: int | None = None
     holdout: str | None = None  # a file of image names to exclude (kept for evaluation)
@@ -287,8 +288,18 @@ def export_student(model: RDCD, uri: str, meta: dict | None = None, half: bool =
 
 
 def list_training_images(cfg: DistillConfig) -> list[str]:
-    """The training URIs: every image under `images`, minus the hold-out list, capped."""
-    uris = [f.uri for f in rio.list_files(cfg.images, rio.IMAGE_SUFFIXES)]
+    """The training URIs: every image under `images` (a folder, a prefix, or a `.txt` manifest of
+    URIs, one per line, relative ones against the manifest's folder), minus the hold-out list."""
+    if cfg.images.endswith(".txt"):
+        base = cfg.images.rsplit("/", 1)[0] if "/" in cfg.images else "."
+        lines = [ln.strip() for ln in rio.read_text(cfg.images).splitlines()]
+        uris = [
+            ln if rio.is_s3(ln) or ln.startswith("/") else rio.join(base, ln)
+            for ln in lines
+            if ln and not ln.startswith("#")
+        ]
+    else:
+        uris = [f.uri for f in rio.list_files(cfg.images, rio.IMAGE_SUFFIXES)]
     if cfg.holdout:
         excluded = {
             line.strip() for line in rio.read_text(cfg.holdout).splitlines() if line.strip()

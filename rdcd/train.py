@@ -67,11 +67,10 @@ def view_batch(batch: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarr
 class TeacherFeatures:
     """Ray Data actor: loads the teacher once, adds its descriptor of view 1 to each batch."""
 
-    def __init__(self, spec: str, teacher_path: str | None, size: int):
+    def __init__(self, spec: str, teacher_path: str | None, size: int, device: str = "cpu"):
         from rdcd.models import load_model
 
-        torch.set_num_threads(1)
-        self.model = load_model(spec, teacher=teacher_path, teacher_size=size, device="cpu")
+        self.model = load_model(spec, teacher=teacher_path, teacher_size=size, device=device)
         self.seconds, self.images = 0.0, 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -169,8 +168,10 @@ def build_dataset(cfg: DistillConfig, uris: list[str], start_step: int):
     return ds.map_batches(
         TeacherFeatures,
         fn_constructor_kwargs={"spec": cfg.teacher, "teacher_path": cfg.teacher_path,
-                               "size": cfg.train_size},
+                               "size": cfg.train_size,
+                               "device": "cuda" if cfg.teacher_gpus > 0 else "cpu"},
         batch_size=cfg.batch_size, concurrency=cfg.teacher_actors, num_cpus=cfg.teacher_cpus,
+        num_gpus=cfg.teacher_gpus,
     )  # fmt: skip
 
 

@@ -82,3 +82,28 @@ def s3_bucket(s3_server):
     name = f"rdcd-test-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance (2 CPUs, no dashboard, small object store), shared by tests."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
+                 logging_level="WARNING")  # fmt: skip
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def random_sscd_teacher(tmp_path_factory) -> str:
+    """A randomly initialised SSCD file in Meta's torchvision format: a teacher every machine has."""
+    import torch
+
+    from rdcd.models.teacher import SSCDResNet50
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "sscd_random.torchvision.pt"
+    torch.save(SSCDResNet50().state_dict(), path)
+    return str(path)

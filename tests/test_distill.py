@@ -1,0 +1,128 @@
+"""Distillation: the training step, loss switches, local and Ray Train runs, resume, export."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from rdcd.cli import build_parser, load_distill_config
+from rdcd.distill import RDCD, DistillConfig, lr_at, make_optimizer, train_step
+from rdcd.models import load_model
+
+
+def _images_dir(request) -> str:
+    try:
+        return str(request.getfixturevalue("shared_data") / "photos")
+    except pytest.skip.Exception:
+        from rdcd.demo import bundled_photos
+
+        return os.path.dirname(bundled_photos()[0])
+
+
+def tiny(**kw) -> DistillConfig:
+    base = DistillConfig(backbone="mobilenetv3_small_050", dim=32, train_size=64, eval_size=64,
+                         batch_size=4, steps=4, queue_size=16, memory_size=16, warmup_steps=1,
+                         log_every=1, checkpoint_every=2, max_images=24, lr=0.01)  # fmt: skip
+    return replace(base, **kw)
+
+
+def _batch(n=4, size=64, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "view1": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        "view2": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        "teacher": rng.normal(size=(n, 512)).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("off", ["w_con", "w_hn", "w_rel"])
+def test_zero_weight_turns_a_term_off(off):
+    cfg = tiny(**{off: 0.0})
+    model = RDCD(cfg)
+    m = train_step(
+        model, model.student, make_optimizer(model, cfg), _batch(), 0, torch.device("cpu")
+    )
+    name = {"w_con": "loss_con", "w_hn": "loss_hn", "w_rel": "loss_rel"}[off]
+    assert name not in m
+    weights = {"loss_con": cfg.w_con, "loss_hn": cfg.w_hn, "loss_rel": cfg.w_rel}
+    assert m["loss"] == pytest.approx(sum(weights[k] * m[k] for k in weights if k in m), rel=1e-5)
+
+
+def test_step_updates_student_momentum_and_queues():
+    cfg = tiny()
+    model = RDCD(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model, model.student, make_optimizer(model, cfg), _batch(), 0, torch.device("cpu"))
+    after = model.state_dict()
+    assert not torch.equal(before["student.head.weight"], after["student.head.weight"])
+    assert not torch.equal(
+        before["momentum_student.head.weight"], after["momentum_student.head.weight"]
+    )
+    assert int(after["queue.ptr"]) == 4 and int(after["memory.ptr"]) == 4
+    # the momentum student moved only 1 - m of the way
+    d_student = (after["student.head.weight"] - before["student.head.weight"]).norm()
+    d_momentum = (
+        after["momentum_student.head.weight"] - before["momentum_student.head.weight"]
+    ).norm()
+    assert d_momentum < d_student
+
+
+def test_config_validation_and_schedule():
+    with pytest.raises(ValueError, match="multiples of the global batch"):
+        tiny(images="x", queue_size=10).validate()
+    with pytest.raises(ValueError, match="all loss weights are 0"):
+        tiny(images="x", w_con=0, w_hn=0, w_rel=0).validate()
+    with pytest.raises(ValueError, match="unknown distillation settings: bogus"):
+        DistillConfig.from_dict({"bogus": 1})
+    cfg = DistillConfig(lr=1.0, warmup_steps=10, steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.5) and lr_at(110, cfg) == pytest.approx(0.0)
+
+
+def test_cli_config_precedence(tmp_path):
+    (tmp_path / "c.yaml").write_text("steps: 10\ndim: 64\nlr: 0.5\nimages: a\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--set",
+                                      "lr=0.25", "--set", "amp=false", "--dim", "128"])  # fmt: skip
+    cfg = load_distill_config(args)
+    assert (cfg.steps, cfg.dim, cfg.lr, cfg.amp, cfg.images) == (10, 128, 0.25, False, "a")
+    bad = build_parser().parse_args(["train", "--set", "nope=1"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        load_distill_config(bad)
+
+
+def test_local_run_exports_and_resumes(random_sscd_teacher, tmp_path, request):
+    from rdcd.train import run_local
+
+    cfg = tiny(images=_images_dir(request), out=str(tmp_path / "run"), teacher=random_sscd_teacher)
+    first = run_local(cfg, device="cpu")
+    assert first["steps"] == 4 and first["resumed_from"] == 0
+    student = load_model(str(tmp_path / "run" / "student.pt"))
+    assert student.dim == 32 and student.fingerprint == first["fingerprint"]
+    assert student.embed(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 32)
+    again = run_local(replace(cfg, steps=6), device="cpu")
+    assert again["resumed_from"] == 4 and again["steps"] == 6
+    assert [h["step"] for h in again["history"]] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_ray_train_two_workers_checkpoint_export_resume(ray_local, random_sscd_teacher, tmp_path,
+                                                         request):  # fmt: skip
+    from rdcd.train import run_training
+
+    cfg = tiny(images=_images_dir(request), out=str(tmp_path / "run"), teacher=random_sscd_teacher,
+               workers=2, cpus_per_worker=0.5, steps=2, max_images=16)  # fmt: skip
+    first = run_training(cfg)
+    assert first["steps"] == 2 and first["resumed_from"] == 0
+    ckpts = [d for d in os.listdir(tmp_path / "run" / "ray" / "rdcd-distill")
+             if d.startswith("checkpoint_")]  # fmt: skip
+    assert ckpts
+    assert load_model(str(tmp_path / "run" / "student.pt")).fingerprint == first["fingerprint"]
+    second = run_training(replace(cfg, steps=4))
+    assert second["resumed_from"] == 2 and second["steps"] == 4
+    assert [h["step"] for h in second["history"]] == [1, 2, 3, 4]
