@@ -98,7 +98,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def random_sscd_teacher(tmp_path_factory) -> str:
-    """A randomly initialised SSCD file in Meta's torchvision format: a teacher every machine has."""
+    """A randomly initialised SSCD file in Meta's torchvision format: a teacher on any machine."""
     import torch
 
     from rdcd.models.teacher import SSCDResNet50
