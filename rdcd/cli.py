@@ -82,8 +82,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="rdcd-demo", help="folder for the demo set and results")
     p.add_argument("--images", help="your own folder of photos instead of the bundled ones")
-    p.add_argument("--model", default="sscd", help="model to evaluate (default: the teacher)")
+    p.add_argument("--model", default="default", help="model to evaluate (default: the student)")
     p.add_argument("--teacher", help="teacher file: .torchvision.pt, .torchscript.pt or .onnx")
+    p.add_argument("--no-teacher", action="store_true", help="skip the teacher comparison")
     p.add_argument("--copies", type=int, default=2, help="edited copies per reference photo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -98,12 +99,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         model=args.model,
         teacher=args.teacher,
         copies_per_reference=args.copies,
+        compare_teacher=not args.no_teacher,
         seed=args.seed,
         progress=not args.no_progress,
     )
     print(f"building a DISC-layout demo set under {cfg.out}/data ...")
     result = run_demo(cfg)
     print_metrics(result)
+    if "teacher" in result:
+        t = result["teacher"]
+        print(f"teacher          µAP {_fmt(t['uap'])}, score-normalised {_fmt(t['uap_sn'])}, "
+              f"recall@1 {_fmt(t['recall_at_1'])} ({t['model']['dim']}-d vs "
+              f"{result['model']['dim']}-d; {cfg.out}/eval-teacher/)")  # fmt: skip
     print(f"results: {cfg.out}/eval/metrics.json, predictions in {cfg.out}/eval/")
     return 0
 

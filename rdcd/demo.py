@@ -25,6 +25,8 @@ from rdcd.decode import DecodeError, decode_image
 from rdcd.edits import random_copy
 from rdcd.evaluate import EvalConfig, evaluate
 from rdcd.metrics import write_ground_truth
+from rdcd.models.embedder import ModelError
+from rdcd.models.resolve import DEFAULT_NAME, TEACHER_NAMES, default_student_path
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ class DemoConfig:
 
     out: str = "rdcd-demo"
     images: str | None = None
-    model: str = "sscd"
+    model: str = "default"  # the packaged student; falls back to the teacher if not shipped
+    compare_teacher: bool = True
     teacher: str | None = None
     copies_per_reference: int = 2
     reference_share: float = 0.55
@@ -158,14 +161,24 @@ def run_demo(cfg: DemoConfig) -> dict:
         photos, data, cfg.copies_per_reference, cfg.seed, cfg.reference_share, cfg.distractor_share
     )
     log.info("demo set: %s", counts)
-    result = evaluate(
-        EvalConfig(
-            disc_root=data,
-            model=cfg.model,
-            teacher=cfg.teacher,
-            out=rio.join(cfg.out, "eval"),
-            progress=cfg.progress,
+    model = cfg.model
+    if model == DEFAULT_NAME and default_student_path() is None:
+        log.warning("no packaged default student in this install: evaluating the teacher")
+        model = "sscd"
+
+    def run(spec: str, folder: str) -> dict:
+        out = rio.join(cfg.out, folder)
+        return evaluate(
+            EvalConfig(
+                disc_root=data, model=spec, teacher=cfg.teacher, out=out, progress=cfg.progress
+            )
         )
-    )
+
+    result = run(model, "eval")
     result["demo_set"] = counts
+    if cfg.compare_teacher and model.lower() not in TEACHER_NAMES:
+        try:
+            result["teacher"] = run("sscd", "eval-teacher")
+        except ModelError as exc:
+            log.warning("no teacher to compare with: %s", exc)
     return result

@@ -170,7 +170,8 @@ def build_dataset(cfg: DistillConfig, uris: list[str], start_step: int):
         fn_constructor_kwargs={"spec": cfg.teacher, "teacher_path": cfg.teacher_path,
                                "size": cfg.train_size,
                                "device": "cuda" if cfg.teacher_gpus > 0 else "cpu"},
-        batch_size=cfg.batch_size, concurrency=cfg.teacher_actors, num_cpus=cfg.teacher_cpus,
+        batch_size=cfg.batch_size, num_cpus=cfg.teacher_cpus,
+        compute=ray.data.ActorPoolStrategy(size=cfg.teacher_actors),
         num_gpus=cfg.teacher_gpus,
     )  # fmt: skip
 

@@ -26,7 +26,7 @@ def _images_dir(request) -> str:
 
 def tiny(**kw) -> DistillConfig:
     base = DistillConfig(backbone="mobilenetv3_small_050", dim=32, train_size=64, eval_size=64,
-                         batch_size=4, steps=4, queue_size=16, memory_size=16, warmup_steps=1,
+                         batch_size=4, steps=4, queue_size=8, memory_size=16, warmup_steps=1,
                          log_every=1, checkpoint_every=2, max_images=24, lr=0.01)  # fmt: skip
     return replace(base, **kw)
 
@@ -75,6 +75,12 @@ def test_step_updates_student_momentum_and_queues():
 def test_config_validation_and_schedule():
     with pytest.raises(ValueError, match="multiples of the global batch"):
         tiny(images="x", queue_size=10).validate()
+    from rdcd.demo import bundled_photos
+    from rdcd.distill import list_training_images
+
+    folder = os.path.dirname(bundled_photos()[0])
+    with pytest.raises(ValueError, match="queue would hold positives"):
+        list_training_images(tiny(images=folder, queue_size=64, max_images=20))
     with pytest.raises(ValueError, match="all loss weights are 0"):
         tiny(images="x", w_con=0, w_hn=0, w_rel=0).validate()
     with pytest.raises(ValueError, match="unknown distillation settings: bogus"):

