@@ -5,8 +5,9 @@ untrained student, plus training throughput and the teacher's share of a trainin
 
 The evaluation set is a DISC2021-layout folder built from data no training run here used:
 - the hold-out slice of ../shared/data/photos (every 4th photo in name order; the training
-  manifests exclude it) as references, with seeded edited copies as queries, edited distractor
-  queries and a background set (`rdcd.demo.build_demo_set`);
+  manifests exclude it) as references, with three seeded *hard* copies each as queries (2-4
+  edits, tight crops, overlays onto other photos), edited distractor queries and a background
+  set (`rdcd.demo.build_demo_set(hard=True)`);
 - the real copy pairs of ../shared/data/copy_pairs.csv (AugLy, ThreatExchange, imagededup,
   ISC2021; GCompris detail crops excluded), originals as references and copies as queries.
 """
@@ -47,7 +48,7 @@ def training_manifest(shared: str) -> list[str]:
 
 
 def build_eval_set(shared: str, root: str) -> dict:
-    counts = build_demo_set(holdout_photos(shared), root, copies=2, seed=11)
+    counts = build_demo_set(holdout_photos(shared), root, copies=3, seed=11, hard=True)
     gt = read_ground_truth(rio.join(root, "ground_truth.csv"))
     rows = [(q, r) for q, r in gt.pairs] + [
         (q, None) for q in gt.queries - {q for q, _ in gt.pairs}

@@ -161,6 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rdcd.train import run_local, run_training
 
     cfg = load_distill_config(args)
+    logging.getLogger("rdcd.train").setLevel(logging.INFO)  # per-step metrics every log_every
     print(
         f"distilling {cfg.backbone}/{cfg.dim} from {cfg.teacher} on {cfg.images} ({cfg.steps} "
         f"steps, {cfg.workers} worker(s) x batch {cfg.batch_size}) -> {cfg.out}"
@@ -174,6 +175,76 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_embed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--images",
+        required=True,
+        help="folder or s3:// prefix, or a manifest file (.txt/.lst/.parquet) of URIs",
+    )
+    p.add_argument("--model", default="sscd", help="`sscd` (the teacher) or a student checkpoint")
+    p.add_argument("--out", required=True, help="output URI: manifest/, shards/, errors/, run.json")
+    p.add_argument("--teacher", help="teacher file: .torchvision.pt, .torchscript.pt or .onnx")
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per part (fixed per run)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    p.add_argument("--actors", type=int, help="model actors (default: fill the cluster)")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs per model actor (default: auto)")
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="stored descriptor dtype (fp16 also halves GPU compute)",
+    )
+    p.add_argument("--image-size", type=int, help="teacher input size (default 288)")
+    p.add_argument("--io-threads", type=int, default=8, help="concurrent reads per decode task")
+    p.add_argument(
+        "--all-files",
+        action="store_true",
+        help="embed every file under the prefix, not only image suffixes",
+    )
+    p.add_argument(
+        "--reuse-manifest",
+        action="store_true",
+        help="finish the recorded input listing even if the input changed since",
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from rdcd.embed import EmbedJobConfig, run_embed_job
+
+    cfg = EmbedJobConfig(
+        images=args.images,
+        out=args.out,
+        model=args.model,
+        teacher=args.teacher,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        precision=args.precision,
+        image_size=args.image_size,
+        io_threads=args.io_threads,
+        all_files=args.all_files,
+        reuse_manifest=args.reuse_manifest,
+        progress=not args.no_progress,
+    )
+    run = run_embed_job(cfg)
+    c, t = run["counts"], run["timings"]
+    print(f"model            {run['model']} ({run['fingerprint'][:12]})")
+    print(f"images           {c['images']}: {c['embedded']} embedded, {c['errors']} in errors/")
+    print(f"parts            {c['parts']}: {c['parts_written']} written, "
+          f"{c['parts_skipped']} already committed")  # fmt: skip
+    print(f"time             {t['total_seconds']} s ({t['images_per_second']} images/s)")
+    print(f"wrote {cfg.out} (run.json, shards/, errors/)")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {
     "demo": ("end to end on a bundled photo set", add_demo_args, cmd_demo),
     "evaluate": (
@@ -181,6 +252,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         add_evaluate_args,
         cmd_evaluate,
     ),
+    "embed": ("bulk embedding into Parquet shards (Ray Data)", add_embed_args, cmd_embed),
     "train": ("RDCD distillation of a compact student (Ray Train)", add_train_args, cmd_train),
 }
 

@@ -89,12 +89,14 @@ def build_demo_set(
     seed: int = 0,
     reference_share: float = 0.55,
     distractor_share: float = 0.2,
+    hard: bool = False,
 ) -> dict[str, int]:
     """Write a DISC-layout folder under `root` from `photos`; returns its counts.
 
     Photos are split three ways, disjointly: references (each gets `copies` edited queries),
     distractor sources (edited queries with no reference: any match is a false positive) and
-    background (for score normalisation, also with edited variants).
+    background (for score normalisation, also with edited variants). `hard` makes queries with
+    2-4 edits, tight crops and overlays onto the distractor photos (`rdcd.edits.random_copy`).
     """
     photos = [p for p in photos if _decodable(p)]
     if len(photos) < 6:
@@ -108,6 +110,7 @@ def build_demo_set(
     images = {p: decode_image(rio.read_bytes(p)) for p in photos}
     if not rio.is_s3(root) and os.path.isdir(root):
         shutil.rmtree(root)  # a rebuilt set must not keep files of an earlier, larger one
+    canvases = [images[p] for p in dis] if hard else []
     gt: list[tuple[str, str | None]] = []
     sources: list[tuple[str, str, str]] = []
     q = 0
@@ -116,7 +119,7 @@ def build_demo_set(
         nonlocal q
         qid = f"Q{q:05d}"
         q += 1
-        img, names = random_copy(images[src], rng)
+        img, names = random_copy(images[src], rng, hard=hard, canvases=canvases)
         _save_jpeg(img, rio.join(root, "queries", f"{qid}.jpg"))
         gt.append((qid, ref_id))
         sources.append((qid, os.path.basename(src), "+".join(names)))

@@ -1,7 +1,7 @@
 """RDCD distillation: the training module, one optimisation step, and a loop that needs no Ray.
 
 The student learns from three signals at once (Kim, Woo & Nang, WACV 2025):
-  L = w_con * L_con + w_hn * L_hn + w_rel * L_rel
+  L = w_con * L_con + w_hn * L_hn + w_rel * L_rel  (+ w_feat * L_feat, off by default)
 - L_con, MoCo-v2 contrastive: a view must match the momentum student's encoding of the other view
   of the same image, against a FIFO queue of past momentum keys (instance discrimination);
 - L_hn, hard negative: push each descriptor away from its nearest queue entry (spreads the
@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -36,13 +36,21 @@ from torch import nn
 from rdcd import io as rio
 from rdcd.augment import AugmentConfig, two_views
 from rdcd.decode import DecodeError, decode_image
-from rdcd.losses import FeatureQueue, contrastive_loss, hard_negative_loss, relational_loss
-from rdcd.models.checkpoint import save_checkpoint
-from rdcd.models.embedder import Embedder
+from rdcd.losses import (
+    FeatureQueue,
+    contrastive_loss,
+    feature_loss,
+    hard_negative_loss,
+    relational_loss,
+)
+from rdcd.models.checkpoint import parse_checkpoint, save_checkpoint
+from rdcd.models.embedder import Embedder, ModelError
 from rdcd.models.pretrained import load_backbone_weights
 from rdcd.models.student import StudentConfig, StudentNet
 
 log = logging.getLogger(__name__)
+
+STUDENT_INIT = "student:"  # init: student:<checkpoint URI> starts from a trained student
 
 
 @dataclass
@@ -54,7 +62,8 @@ class DistillConfig:
     teacher: str = "sscd"  # M: `sscd` or a teacher file
     teacher_path: str | None = None  # explicit teacher file for `sscd`
     backbone: str = "efficientnet_b0"
-    init: str = "random"  # "random", "efficientnet-lite0" (packaged ImageNet weights) or a file
+    init: str = "random"  # "random", "efficientnet-lite0" (packaged ImageNet weights), a backbone
+    # state-dict file, or "student:<checkpoint>" (a trained student's weights, where shapes fit)
     dim: int = 128
     hidden_dim: int = 512  # must equal the teacher's dimension
     train_size: int = 224
@@ -76,6 +85,8 @@ class DistillConfig:
     w_con: float = 1.0
     w_hn: float = 5.0
     w_rel: float = 1.0
+    w_feat: float = 0.0  # direct feature distillation (not in the paper; see losses.feature_loss)
+    fit_heads: int = 0  # > 0: fit both linear heads in closed form on this many images first
     amp: bool = True  # mixed precision on GPU only
     seed: int = 0
     log_every: int = 10
@@ -100,7 +111,7 @@ class DistillConfig:
                 f"queue_size ({self.queue_size}) and memory_size ({self.memory_size}) must be "
                 f"multiples of the global batch ({self.global_batch})"
             )
-        if self.w_con == 0 and self.w_hn == 0 and self.w_rel == 0:
+        if self.w_con == 0 and self.w_hn == 0 and self.w_rel == 0 and self.w_feat == 0:
             raise ValueError("all loss weights are 0: nothing to train")
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError("steps must be >= 1 and batch_size >= 2")
@@ -127,7 +138,7 @@ class RDCD(nn.Module):
             StudentConfig(cfg.backbone, cfg.dim, cfg.hidden_dim, image_size=cfg.eval_size)
         )
         if cfg.init != "random":
-            load_backbone_weights(self.student.backbone, cfg.backbone, cfg.init)
+            self._initialise(cfg)
         self._freeze_unused(self.student)
         self.student.to(memory_format=torch.channels_last)  # before DDP builds its buckets
         self.momentum_student = copy.deepcopy(self.student)
@@ -136,6 +147,26 @@ class RDCD(nn.Module):
         g = torch.Generator().manual_seed(cfg.seed)
         self.queue = FeatureQueue(cfg.queue_size, cfg.dim, g)
         self.memory = FeatureQueue(cfg.memory_size, cfg.hidden_dim, g)
+
+    def _initialise(self, cfg: DistillConfig) -> None:
+        """Start from ImageNet backbone weights, or from a trained student checkpoint (`student:`
+        prefix): everything whose shape fits is copied, so a 256-d student can seed a 64-d one
+        (backbone, GeM and the 512-d projection carry over; a new head starts at random)."""
+        if not cfg.init.startswith(STUDENT_INIT):
+            load_backbone_weights(self.student.backbone, cfg.backbone, cfg.init)
+            return
+        uri = cfg.init[len(STUDENT_INIT) :]
+        donor, fp, _ = parse_checkpoint(rio.read_bytes(uri), uri)
+        if donor.config.backbone != cfg.backbone or donor.config.hidden_dim != cfg.hidden_dim:
+            raise ModelError(
+                f"init {uri}: a {donor.config.backbone}/{donor.config.hidden_dim} student cannot "
+                f"seed a {cfg.backbone}/{cfg.hidden_dim} one"
+            )
+        own = self.student.state_dict()
+        fits = {k: v for k, v in donor.state_dict().items() if k in own and v.shape == own[k].shape}
+        self.student.load_state_dict(fits, strict=False)
+        log.info("initialised from student %s (%s): %d of %d tensors", uri, fp[:12], len(fits),
+                 len(own))  # fmt: skip
 
     @staticmethod
     def _freeze_unused(net: StudentNet) -> None:
@@ -239,7 +270,10 @@ def train_step(
         terms["loss_hn"] = hard_negative_loss(z, model.queue.items.clone())
     if cfg.w_rel:
         terms["loss_rel"] = relational_loss(h, h_t, model.memory.items.clone(), cfg.t_rel)
-    weights = {"loss_con": cfg.w_con, "loss_hn": cfg.w_hn, "loss_rel": cfg.w_rel}
+    if cfg.w_feat:
+        terms["loss_feat"] = feature_loss(h, h_t)
+    weights = {"loss_con": cfg.w_con, "loss_hn": cfg.w_hn, "loss_rel": cfg.w_rel,
+               "loss_feat": cfg.w_feat}  # fmt: skip
     loss = sum(weights[n] * v for n, v in terms.items())
     optimizer.zero_grad(set_to_none=True)
     if use_amp:
@@ -363,6 +397,73 @@ def local_batches(
                 future = ahead.submit(build, step + 1)
             yield batch
     pool.shutdown()
+
+
+def _pooled_features(net: StudentNet, views: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        return net.pool(net._feature_map(to_input(views, torch.device("cpu")))).flatten(1)
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares y ~ x @ w + b with an L2 penalty of `scale` x the mean feature variance."""
+    mx, my = x.mean(0), y.mean(0)
+    xc = x - mx
+    gram = xc.T @ xc
+    lam = scale * float(gram.diagonal().mean())
+    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=x.dtype), xc.T @ (y - my))
+    return w, my - mx @ w
+
+
+def fit_heads(
+    cfg: DistillConfig, uris: list[str], teacher: Embedder, n_images: int | None = None
+) -> StudentNet:
+    """A student whose two linear heads start from closed-form fits instead of random weights.
+
+    Not part of the paper, which trains for 100 epochs on 1M images and can afford random heads.
+    On a CPU budget of a few thousand steps, random heads are most of what there is to learn:
+    - `project` (backbone -> 512): ridge regression of the teacher's descriptor on the pooled
+      backbone features of two augmented views per image (penalty chosen on held-out images),
+      so `h_S` starts in the teacher's space and L_rel/L_feat refine rather than discover it;
+    - `head` (512 -> d): the top-d principal directions of the fitted `h_S` (centred), the
+      linear d-dim code that keeps the most of the 512-d geometry.
+    """
+    n = min(n_images or cfg.fit_heads, len(uris))
+    net = RDCD(replace(cfg, queue_size=2, memory_size=2)).student.eval()
+    order = epoch_order(len(uris), cfg.seed, -1)[:n]
+    feats, targets, groups = [], [], []
+    pool = ThreadPoolExecutor(max_workers=2)
+    for lo in range(0, n, cfg.batch_size):
+        idx = order[lo : lo + cfg.batch_size]
+        made = pool.map(lambda i: make_views(uris[i], i, -1, cfg), idx)
+        pairs = [(i, p) for i, p in zip(idx, made, strict=True) if p]
+        if not pairs:
+            continue
+        views = np.concatenate([np.stack([p[0] for _, p in pairs]),
+                                np.stack([p[1] for _, p in pairs])])  # fmt: skip
+        feats.append(_pooled_features(net, views).double())
+        targets.append(torch.as_tensor(teacher.embed(views)).double())
+        groups.extend([i for i, _ in pairs] * 2)
+    pool.shutdown()
+    x, y = torch.cat(feats), torch.cat(targets)
+    held = torch.tensor([g % 5 == 0 for g in groups])  # by image, so both views stay together
+    best = (-2.0, 1.0)
+    for scale in (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0):
+        w, b = _ridge(x[~held], y[~held], scale)
+        score = float(F.cosine_similarity(x[held] @ w + b, y[held], dim=1).mean())
+        best = max(best, (score, scale))
+    w, b = _ridge(x, y, best[1])
+    h = x @ w + b
+    mean = h.mean(0)
+    _, _, v = torch.linalg.svd(h - mean, full_matrices=False)
+    basis = v[: cfg.dim]  # (d, 512)
+    with torch.no_grad():
+        net.project.weight.copy_(w.T.float())
+        net.project.bias.copy_(b.float())
+        net.head.weight.copy_(basis.float())
+        net.head.bias.copy_((-(basis @ mean)).float())
+    log.info("fitted heads on %d views of %d images: held-out cosine to the teacher %.3f "
+             "(ridge scale %g)", len(x), n, best[0], best[1])  # fmt: skip
+    return net
 
 
 def train(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import augly.image as imaugs
@@ -141,12 +141,52 @@ EDITS: dict[str, Edit] = {
 }
 
 
+def small_crop(img: Image.Image, rng: random.Random) -> Image.Image:
+    """A tight crop (10-30 % of the area), as in DISC2021's hardest queries."""
+    w, h = img.size
+    cw, ch = max(8, int(w * rng.uniform(0.3, 0.55))), max(8, int(h * rng.uniform(0.3, 0.55)))
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    return img.crop((x, y, x + cw, y + ch))
+
+
+def overlay_onto(img: Image.Image, canvas: Image.Image, rng: random.Random) -> Image.Image:
+    """Paste `img`, scaled to 35-65 % of the canvas width, onto another photo (a DISC "overlay"
+    query: most of the query's pixels belong to an image that is not the reference)."""
+    canvas = canvas.convert("RGB").copy()
+    scale = rng.uniform(0.35, 0.65) * canvas.width / img.width
+    small = img.convert("RGB").resize(
+        (max(8, int(img.width * scale)), max(8, int(img.height * scale))), Image.BILINEAR
+    )
+    if small.height > canvas.height:
+        small = small.resize((max(8, small.width * canvas.height // small.height), canvas.height))
+    x = rng.randint(0, canvas.width - small.width)
+    y = rng.randint(0, canvas.height - small.height)
+    canvas.paste(small, (x, y))
+    return canvas
+
+
+HARD_EDITS: dict[str, Edit] = {**EDITS, "small_crop": small_crop}
+
+
 def random_copy(
-    img: Image.Image, rng: random.Random, n_edits: tuple[int, int] = (1, 3)
+    img: Image.Image,
+    rng: random.Random,
+    n_edits: tuple[int, int] = (1, 3),
+    hard: bool = False,
+    canvases: Sequence[Image.Image] = (),
 ) -> tuple[Image.Image, list[str]]:
-    """A copy of `img` with 1-3 distinct random edits applied in random order; returns the names."""
-    names = rng.sample(sorted(EDITS), rng.randint(*n_edits))
+    """A copy of `img` with distinct random edits applied in random order; returns the names.
+
+    `hard` draws 2-4 edits (tight crops included) and, when `canvases` are given, pastes the
+    result onto one of them a third of the time: closer to DISC2021's query mix, and hard enough
+    that a compact student and its teacher no longer both score ~1.0.
+    """
+    edits = HARD_EDITS if hard else EDITS
+    names = rng.sample(sorted(edits), rng.randint(*((2, 4) if hard else n_edits)))
     out = img.convert("RGB")
     for name in names:
-        out = EDITS[name](out, rng)
+        out = edits[name](out, rng)
+    if hard and canvases and rng.random() < 1 / 3:
+        out = overlay_onto(out, canvases[rng.randrange(len(canvases))], rng)
+        names.append("overlay")
     return out, names

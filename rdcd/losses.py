@@ -69,3 +69,17 @@ def relational_loss(h_s: torch.Tensor, h_t: torch.Tensor, memory: torch.Tensor, 
     log_p_t = F.log_softmax(F.normalize(h_t, dim=1) @ memory.T / t, dim=1)
     log_p_s = F.log_softmax(F.normalize(h_s, dim=1) @ memory.T / t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
+def feature_loss(h_s: torch.Tensor, h_t: torch.Tensor):
+    """Direct feature distillation (not in the RDCD paper; off by default): the student's 512-d
+    feature must point where the teacher's descriptor of the same view points.
+
+    L_feat = mean_i (1 - cos(h_s,i, h_t,i))
+
+    Why it exists: L_rel compares a view to a memory of *unrelated* images, whose teacher
+    similarities carry little signal until the memory is large (65,536 in the paper); on a few
+    thousand CPU steps the student could not learn from it. Regressing onto the teacher's
+    descriptor of each augmented view hands over the teacher's invariances image by image.
+    """
+    return (1.0 - F.cosine_similarity(h_s, h_t, dim=1)).mean()

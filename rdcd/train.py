@@ -30,9 +30,11 @@ import torch
 from rdcd import io as rio
 from rdcd.distill import (
     RDCD,
+    STUDENT_INIT,
     DistillConfig,
     epoch_order,
     export_student,
+    fit_heads,
     list_training_images,
     load_state,
     make_optimizer,
@@ -40,8 +42,11 @@ from rdcd.distill import (
     state_bytes,
     train_step,
 )
+from rdcd.models.embedder import Embedder
 
 log = logging.getLogger(__name__)
+
+INIT_STUDENT = "init-student.pt"
 
 STATE_FILE = "state.pt"
 RUN_NAME = "rdcd-distill"
@@ -176,6 +181,27 @@ def build_dataset(cfg: DistillConfig, uris: list[str], start_step: int):
     )  # fmt: skip
 
 
+def fitted_start(
+    cfg: DistillConfig, uris: list[str], teacher: Embedder | None = None
+) -> DistillConfig:
+    """With `fit_heads`, fit the student's heads once (`<out>/init-student.pt`) and return a
+    config that starts every worker from it; a resumed or re-run job reuses the same file."""
+    if not cfg.fit_heads or cfg.init.startswith(STUDENT_INIT):
+        return cfg
+    uri = rio.join(cfg.out, INIT_STUDENT)
+    if not rio.is_s3(uri):
+        uri = os.path.abspath(uri)  # Ray workers may run in another directory
+    if not rio.exists(uri):
+        from rdcd.models import load_model
+        from rdcd.models.checkpoint import save_checkpoint
+
+        teacher = teacher or load_model(
+            cfg.teacher, teacher=cfg.teacher_path, teacher_size=cfg.train_size
+        )
+        save_checkpoint(fit_heads(cfg, uris, teacher), uri)
+    return replace(cfg, init=STUDENT_INIT + uri)
+
+
 def run_training(cfg: DistillConfig) -> dict:
     """Run (or resume) distillation on the current Ray cluster; returns the run summary."""
     import ray
@@ -189,6 +215,7 @@ def run_training(cfg: DistillConfig) -> dict:
     start = _resume_step(cfg)
     if start >= cfg.steps:
         log.info("run already finished at step %d; exporting again", start)
+    cfg = fitted_start(cfg, uris)
     storage = rio.join(cfg.out, "ray")
     fs, storage_path = rio.arrow_filesystem(storage) if rio.is_s3(storage) else (None, None)
     if not rio.is_s3(storage):
@@ -248,6 +275,7 @@ def run_local(cfg: DistillConfig, device: str | None = None) -> dict:
     cfg.validate()
     uris = list_training_images(cfg)
     teacher = load_model(cfg.teacher, teacher=cfg.teacher_path, teacher_size=cfg.train_size)
+    cfg = fitted_start(cfg, uris, teacher)
     state_uri = rio.join(cfg.out, LOCAL_STATE)
     resume = rio.read_bytes(state_uri) if rio.exists(state_uri) else None
     start = 0

@@ -40,17 +40,36 @@ def _batch(n=4, size=64, seed=0) -> dict:
     }
 
 
-@pytest.mark.parametrize("off", ["w_con", "w_hn", "w_rel"])
+@pytest.mark.parametrize("off", ["w_con", "w_hn", "w_rel", "w_feat"])
 def test_zero_weight_turns_a_term_off(off):
-    cfg = tiny(**{off: 0.0})
+    cfg = tiny(**{"w_feat": 2.0, off: 0.0})
     model = RDCD(cfg)
     m = train_step(
         model, model.student, make_optimizer(model, cfg), _batch(), 0, torch.device("cpu")
     )
-    name = {"w_con": "loss_con", "w_hn": "loss_hn", "w_rel": "loss_rel"}[off]
-    assert name not in m
-    weights = {"loss_con": cfg.w_con, "loss_hn": cfg.w_hn, "loss_rel": cfg.w_rel}
+    names = {"w_con": "loss_con", "w_hn": "loss_hn", "w_rel": "loss_rel", "w_feat": "loss_feat"}
+    assert names[off] not in m
+    assert all(n in m for w, n in names.items() if w != off)
+    weights = {n: getattr(cfg, w) for w, n in names.items()}
     assert m["loss"] == pytest.approx(sum(weights[k] * m[k] for k in weights if k in m), rel=1e-5)
+
+
+def test_init_from_a_trained_student(tmp_path):
+    from rdcd.models.checkpoint import save_checkpoint
+
+    donor = RDCD(tiny(seed=1, dim=32)).student.eval()
+    path = str(tmp_path / "donor.pt")
+    save_checkpoint(donor, path)
+    same = RDCD(tiny(init=f"student:{path}", dim=32)).student.state_dict()
+    other_dim = RDCD(tiny(init=f"student:{path}", dim=16)).student.state_dict()
+    ref = donor.state_dict()
+    assert torch.equal(same["head.weight"], ref["head.weight"])
+    assert torch.equal(other_dim["project.weight"], ref["project.weight"])  # 512-d part carries
+    assert other_dim["head.weight"].shape == (16, 512)  # a new head for a new dimension
+    from rdcd.models.embedder import ModelError
+
+    with pytest.raises(ModelError, match="cannot seed"):
+        RDCD(tiny(init=f"student:{path}", backbone="resnet10t"))
 
 
 def test_step_updates_student_momentum_and_queues():
@@ -116,14 +135,46 @@ def test_local_run_exports_and_resumes(random_sscd_teacher, tmp_path, request):
     assert json.loads((tmp_path / "run" / "run.json").read_text())["steps"] == 6
 
 
+def test_fit_heads_starts_in_the_teachers_space(random_sscd_teacher, tmp_path, request):
+    import torch.nn.functional as F
+
+    from rdcd.distill import _pooled_features, fit_heads, list_training_images, make_views
+    from rdcd.train import INIT_STUDENT, fitted_start
+
+    cfg = tiny(images=_images_dir(request), out=str(tmp_path / "run"), dim=8,
+               teacher=random_sscd_teacher)  # fmt: skip
+    teacher = load_model(random_sscd_teacher, teacher_size=64)
+    uris = list_training_images(cfg)
+    net = fit_heads(cfg, uris, teacher, n_images=24)
+    basis = net.head.weight.detach()
+    assert torch.allclose(basis @ basis.T, torch.eye(8), atol=1e-4)  # orthonormal PCA directions
+    views = np.stack([make_views(u, i, 0, cfg)[0] for i, u in enumerate(uris[:8])])
+    target = torch.as_tensor(teacher.embed(views))
+
+    def cosine(student) -> float:
+        with torch.no_grad():
+            h = student.project(_pooled_features(student, views))
+        return float(F.cosine_similarity(h, target, dim=1).mean())
+
+    assert cosine(net) > cosine(RDCD(cfg).student.eval()) + 0.1
+    fitted = fitted_start(replace(cfg, fit_heads=16), uris, teacher)
+    path = tmp_path / "run" / INIT_STUDENT
+    assert fitted.init == f"student:{path}" and path.exists()
+    stamp = path.stat().st_mtime_ns
+    assert fitted_start(replace(cfg, fit_heads=16), uris, teacher).init == fitted.init
+    assert path.stat().st_mtime_ns == stamp  # a re-run reuses the fitted start
+
+
 @pytest.mark.slow
 def test_ray_train_two_workers_checkpoint_export_resume(ray_local, random_sscd_teacher, tmp_path,
                                                          request):  # fmt: skip
     from rdcd.train import run_training
 
     cfg = tiny(images=_images_dir(request), out=str(tmp_path / "run"), teacher=random_sscd_teacher,
-               workers=2, cpus_per_worker=0.5, steps=2, max_images=16)  # fmt: skip
+               workers=2, cpus_per_worker=0.5, steps=2, max_images=16,
+               fit_heads=8)  # fmt: skip
     first = run_training(cfg)
+    assert (tmp_path / "run" / "init-student.pt").exists()  # workers started from fitted heads
     assert first["steps"] == 2 and first["resumed_from"] == 0
     ckpts = [d for d in os.listdir(tmp_path / "run" / "ray" / "rdcd-distill")
              if d.startswith("checkpoint_")]  # fmt: skip

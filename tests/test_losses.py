@@ -7,7 +7,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rdcd.losses import FeatureQueue, contrastive_loss, hard_negative_loss, relational_loss
+from rdcd.losses import (
+    FeatureQueue,
+    contrastive_loss,
+    feature_loss,
+    hard_negative_loss,
+    relational_loss,
+)
 
 
 def _unit(*shape, seed=0):
@@ -74,3 +80,12 @@ def test_queue_fifo_and_wraparound():
     assert sorted(queue.items[:, 0].tolist()) == [4, 6, 8, 10, 12]
     state = queue.state_dict()
     assert set(state) == {"items", "ptr"}
+
+
+def test_feature_loss_hand_values():
+    t = _unit(4, 8, seed=5)
+    assert float(feature_loss(t * 3.0, t)) < 1e-6  # scale-free: only the direction counts
+    assert math.isclose(float(feature_loss(-t, t)), 2.0, rel_tol=1e-5)
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert math.isclose(float(feature_loss(a, b)), (1.0 + (1 - 1 / math.sqrt(2))) / 2, rel_tol=1e-5)
