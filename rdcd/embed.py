@@ -1,25 +1,39 @@
-"""Embedding image files with a descriptor model, in one process.
+"""Embedding image files with a descriptor model: in one process, or as a Ray Data bulk job.
 
-This is the in-process path used by evaluation, the demo and benchmarks: threads read and decode
-(PIL and file I/O release the GIL) while the model runs on the previous batch. Files that cannot
-be read or decoded are reported with their reason and skipped, never fatal.
+`embed_files` is the in-process path used by evaluation, the demo and benchmarks: threads read and
+decode (PIL and file I/O release the GIL) while the model runs on the previous batch.
+
+`run_embed_job` is `rdcd embed`: millions of images from a prefix or a manifest file, read and
+decoded in Ray tasks, embedded by a pool of model actors (one model load per actor, a GPU when the
+cluster has one) and written as resumable Parquet parts through `rdcd.store`.
+
+Both report files that cannot be read or decoded with their reason and carry on: one bad file
+never costs a job.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import math
+import os
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from rdcd import io as rio
-from rdcd.decode import DecodeConfig, DecodeError, load_for_model
-from rdcd.models.embedder import Embedder
+from rdcd import store
+from rdcd.decode import DEFAULT_MAX_PIXELS, DecodeConfig, DecodeError, load_for_model
+
+if TYPE_CHECKING:  # importing torch costs seconds in every Ray decode worker: only when typing
+    from rdcd.models.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +113,494 @@ def embed_files(
     bar.close()
     emb = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), np.float32)
     return EmbeddedSet(ok_uris, emb, errors, time.perf_counter() - t0)
+
+
+# ---- the bulk job: Ray Data over local disk or S3 into resumable Parquet parts ----------------
+
+# Test-only: after this many parts committed in one invocation, write half of the next shard and
+# kill the process, as a worker dying mid-write would. Lets tests prove that resume is exact.
+CRASH_ENV = "RDCD_TEST_CRASH_AFTER_PARTS"
+MANIFEST_SUFFIXES = (".txt", ".lst", ".parquet")
+_MAX_INPUT_BLOCKS = 10_000
+_MAX_WRITES_IN_FLIGHT = 4
+
+
+@dataclass
+class EmbedJobConfig:
+    """Settings of `rdcd embed`. The defaults run on a laptop and fill a cluster.
+
+    `shard_size` fixes part boundaries (part k = ids [k * shard_size, (k + 1) * shard_size)), so
+    it cannot change between a run and its resume. Batches never cross a part and always hold the
+    same ids, so a resumed run produces the very same bytes as an uninterrupted one.
+    """
+
+    images: str = ""  # prefix/folder, or a manifest file (.txt/.lst one URI a line, .parquet `uri`)
+    out: str = ""
+    model: str = "sscd"
+    teacher: str | None = None  # teacher file when model is `sscd`
+    shard_size: int = 10_000
+    batch_size: int = 32
+    actors: int | None = None  # model actors; None: as many as the cluster holds
+    cpus_per_actor: float | None = None  # None: 1 with a GPU; else up to 4 cores, leaving headroom
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    decode_cpus: float = 0.25  # per read+decode task: fractional, or actors starve them on 2 cores
+    io_threads: int = 8  # concurrent reads per decode task (S3 latency, not CPU, bounds reads)
+    precision: str = "fp32"  # storage dtype; fp16 also runs the model in half precision on GPU
+    image_size: int | None = None  # teachers only: input size (students keep their checkpoint's)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    all_files: bool = False  # list every file under the prefix, not only image suffixes
+    reuse_manifest: bool = False  # finish the recorded listing even if the input changed since
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.images or not self.out:
+            raise ValueError("embed needs --images URI and --out URI")
+        if self.shard_size < 1 or self.batch_size < 1 or self.io_threads < 1:
+            raise ValueError("--shard-size, --batch-size and --io-threads must be >= 1")
+        if self.precision not in ("fp32", "fp16"):
+            raise ValueError(f"--precision must be fp32 or fp16, not {self.precision!r}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError("--actors must be >= 1")
+        for name in ("cpus_per_actor", "gpus_per_actor"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.decode_cpus <= 0:
+            raise ValueError("decode_cpus must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many model actors, and what each one holds."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    threads: int  # intra-op threads of the model in each actor
+    device: str
+
+
+def plan_actors(cfg: EmbedJobConfig, cpus: float, gpus: float) -> ActorPlan:
+    """Size the actor pool for a cluster with `cpus` CPUs and `gpus` GPUs.
+
+    On CPU the model is the bottleneck (15-25x slower than decoding), so actors take most cores
+    but leave headroom for the read+decode tasks: without it Ray schedules no decode task and the
+    job hangs. On GPU, one actor per GPU with a core to feed it.
+    """
+    gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if gpa > 0:
+        if gpus < gpa:
+            raise ValueError(f"--gpus-per-actor {gpa}, but the Ray cluster has {gpus:g} GPU(s)")
+        cpa = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else 1.0
+        actors = cfg.actors or max(1, int(gpus // gpa))
+        plan = ActorPlan(actors, cpa, gpa, max(1, math.ceil(cpa)), "cuda")
+    else:
+        headroom = max(2 * cfg.decode_cpus, cpus / 8)
+        cpa = cfg.cpus_per_actor or max(0.5, min(4.0, cpus - headroom))
+        actors = cfg.actors or max(1, int((cpus - headroom) // cpa))
+        plan = ActorPlan(actors, cpa, 0.0, max(1, math.ceil(cpa)), "cpu")
+    if plan.actors * plan.cpus_per_actor + cfg.decode_cpus > cpus + 1e-9:
+        raise ValueError(
+            f"{plan.actors} actor(s) x {plan.cpus_per_actor:g} CPU plus {cfg.decode_cpus:g} CPU "
+            f"for decoding exceed the {cpus:g} CPUs of the Ray cluster: decode tasks would never "
+            "run. Use fewer --actors or a smaller --cpus-per-actor"
+        )
+    return plan
+
+
+def load_embedder(
+    spec: str,
+    *,
+    teacher: str | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
+    image_size: int | None = None,
+    threads: int | None = None,
+) -> Embedder:
+    """`load_model`, with the intra-op thread count under control: several actors on one node
+    must not each spawn a thread per core."""
+    import torch
+
+    from rdcd.models import ModelError, load_model
+    from rdcd.models.resolve import TEACHER_NAMES, resolve_teacher_uri
+    from rdcd.models.teacher import TEACHER_IMAGE_SIZE, OnnxEmbedder
+
+    if threads:
+        torch.set_num_threads(threads)
+    uri = resolve_teacher_uri(teacher) if spec.lower() in TEACHER_NAMES else spec
+    if uri.lower().endswith(".onnx"):
+        model: Embedder = OnnxEmbedder(
+            uri, image_size=image_size or TEACHER_IMAGE_SIZE, threads=threads or 0
+        )
+    else:
+        model = load_model(spec, teacher=teacher, device=device, precision=precision,
+                           teacher_size=image_size)  # fmt: skip
+    if image_size and model.image_size != image_size:
+        raise ModelError(
+            f"{spec} takes {model.image_size}px images; --image-size {image_size} applies to "
+            "teachers only (a student is embedded at the size it was trained for)"
+        )
+    return model
+
+
+def list_inputs(images: str, all_files: bool = False) -> store.Manifest:
+    """The input listing, in id order: a prefix sorted by URI, or a manifest file in its own
+    order (relative lines resolve against the manifest's folder; duplicates are dropped)."""
+    lowered = images.lower()
+    if lowered.endswith(MANIFEST_SUFFIXES):
+        if lowered.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(io.BytesIO(rio.read_bytes(images)), columns=["uri"])
+            lines = [str(u) for u in table.column("uri").to_pylist() if u]
+        else:
+            lines = [ln.strip() for ln in rio.read_text(images).splitlines()]
+            lines = [ln for ln in lines if ln and not ln.startswith("#")]
+        base = images.rsplit("/", 1)[0] if "/" in images else "."
+        uris = [u if rio.is_s3(u) or u.startswith("/") else rio.join(base, u) for u in lines]
+        unique = list(dict.fromkeys(uris))
+        if len(unique) != len(uris):
+            log.warning("%s: dropped %d duplicate URIs", images, len(uris) - len(unique))
+        sizes, versions = np.full(len(unique), -1, np.int64), [""] * len(unique)
+    else:
+        files = rio.list_files(images, None if all_files else rio.IMAGE_SUFFIXES)
+        unique = [f.uri for f in files]
+        sizes = np.array([f.size for f in files], np.int64)
+        versions = [f.version for f in files]
+    if not unique:
+        raise ValueError(f"no images under {images!r}")
+    return store.Manifest(unique, sizes, versions, images)
+
+
+def prepare_manifest(cfg: EmbedJobConfig, has_commits: bool = False) -> store.Manifest:
+    """The run's manifest: written on the first run; on later ones reused, after checking that the
+    input still lists the same files (ids are positions in the listing)."""
+    existing = store.read_manifest(cfg.out)
+    if existing is None:
+        if has_commits:
+            raise store.StoreError(
+                f"{cfg.out} has committed parts but no complete manifest/: the run is damaged; "
+                "embed into a new --out"
+            )
+        listed = list_inputs(cfg.images, cfg.all_files)
+        store.write_manifest(cfg.out, listed)
+        log.info("manifest: %d images from %s", len(listed), cfg.images)
+        return listed
+    if cfg.reuse_manifest:
+        log.info("reusing the manifest of %s (%d images) without listing", cfg.out, len(existing))
+        return existing
+    store.check_same_listing(existing, list_inputs(cfg.images, cfg.all_files), cfg.out)
+    return existing
+
+
+def _load_safe(uri: str, size: int, config: DecodeConfig) -> np.ndarray | str:
+    """Like `_load`, but any failure at all becomes a reason: one file never kills a task."""
+    try:
+        return _load(uri, size, config)
+    except Exception as exc:  # noqa: BLE001 - PIL plug-ins raise anything on hostile input
+        return f"decode failed: {type(exc).__name__}: {exc}"
+
+
+_IO_POOL: ThreadPoolExecutor | None = None
+
+
+def _decode_groups(
+    batch: dict[str, np.ndarray], *, size: int, group_size: int, io_threads: int, max_pixels: int
+) -> dict[str, np.ndarray]:
+    """Ray task: read and decode whole groups (one model batch each). Decoded images are packed at
+    the front of a fixed `group_size` block; the errors travel with the group as its reasons."""
+    global _IO_POOL
+    if _IO_POOL is None:
+        _IO_POOL = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="rdcd-read")
+    config = DecodeConfig(max_pixels=max_pixels)
+    starts, metas, blocks = [], [], []
+    for start, uris_json in zip(batch["start"], batch["uris"], strict=True):
+        uris = json.loads(str(uris_json))
+        pixels = np.zeros((group_size, size, size, 3), np.uint8)
+        errors: list[str] = []
+        n_ok = 0
+        for uri, result in zip(
+            uris, _IO_POOL.map(lambda u: _load_safe(u, size, config), uris), strict=True
+        ):
+            if isinstance(result, np.ndarray):
+                pixels[n_ok] = result
+                n_ok += 1
+                errors.append("")
+            else:
+                log.warning("not embedded: %s: %s", uri, result)
+                errors.append(result or "unknown decode error")
+        starts.append(int(start))
+        metas.append(json.dumps({"uris": uris, "errors": errors}))
+        blocks.append(pixels)
+    return {
+        "start": np.asarray(starts, np.int64),
+        "meta": np.asarray(metas, dtype=object),
+        "pixels": np.stack(blocks),
+    }
+
+
+class _EmbedActor:
+    """Ray Data actor: loads the model once, then embeds one group per call."""
+
+    def __init__(self, spec: str, teacher: str | None, device: str, precision: str,
+                 image_size: int | None, threads: int, fingerprint: str):  # fmt: skip
+        from rdcd.models import ModelError
+
+        self.model = load_embedder(spec, teacher=teacher, device=device, precision=precision,
+                                   image_size=image_size, threads=threads)  # fmt: skip
+        if self.model.fingerprint != fingerprint:
+            raise ModelError(
+                f"{spec} changed while the job ran (fingerprint {self.model.fingerprint[:12]}, "
+                f"expected {fingerprint[:12]})"
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, uris, errors, vectors = [], [], [], []
+        for start, meta_json, pixels in zip(batch["start"], batch["meta"], batch["pixels"],
+                                            strict=True):  # fmt: skip
+            meta = json.loads(str(meta_json))
+            n = len(meta["uris"])
+            ok = np.array([not e for e in meta["errors"]], dtype=bool)
+            emb = np.zeros((n, self.model.dim), np.float32)
+            if ok.any():
+                emb[ok] = self.model.embed(np.array(pixels[: int(ok.sum())]))
+            ids.append(np.arange(int(start), int(start) + n, dtype=np.int64))
+            uris += meta["uris"]
+            errors += meta["errors"]
+            vectors.append(emb)
+        return {
+            "id": np.concatenate(ids),
+            "uri": np.asarray(uris, dtype=object),
+            "error": np.asarray(errors, dtype=object),
+            "embedding": np.concatenate(vectors),
+        }
+
+
+def _group_items(
+    manifest: store.Manifest, parts: Sequence[int], shard_size: int, batch_size: int
+) -> list[dict[str, Any]]:
+    """Model batches of consecutive ids, never crossing a part: the same ids land in the same
+    batch on every run, so resumed parts are byte-identical to uninterrupted ones."""
+    items = []
+    for part in parts:
+        start, stop = store.part_range(part, shard_size, len(manifest))
+        for s in range(start, stop, batch_size):
+            e = min(stop, s + batch_size)
+            items.append({"start": s, "uris": json.dumps(manifest.uris[s:e])})
+    return items
+
+
+class _PartWriter:
+    """Writes completed parts in a background thread (S3 latency overlaps the pipeline), at most
+    a few in flight so the driver's memory stays bounded."""
+
+    def __init__(self, out: str, identity: store.RunIdentity):
+        self.out, self.identity = out, identity
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdcd-write")
+        self.pending: deque[Future] = deque()
+        self.written = 0
+        crash = os.environ.get(CRASH_ENV)
+        self.crash_after = int(crash) if crash else None
+
+    def _write(self, part: int, rows: dict[str, Any]) -> None:
+        files = store.encode_part(part, self.identity, rows["id"], rows["uri"], rows["embedding"],
+                                  rows["error"])  # fmt: skip
+        if self.crash_after is not None and self.written >= self.crash_after:
+            shard_uri = store.part_uris(self.out, part)[0]
+            rio.write_bytes(shard_uri, files.shard[: len(files.shard) // 2])
+            log.error("%s=%d: dying half-way through part %d", CRASH_ENV, self.crash_after, part)
+            os._exit(17)
+        store.write_part(self.out, files)
+        self.written += 1
+
+    def submit(self, part: int, rows: dict[str, Any]) -> None:
+        while len(self.pending) >= _MAX_WRITES_IN_FLIGHT:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._write, part, rows))
+
+    def close(self) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _execute(
+    cfg: EmbedJobConfig,
+    identity: store.RunIdentity,
+    manifest: store.Manifest,
+    pending: list[int],
+) -> dict[str, Any]:
+    """Run the Ray Data pipeline over the `pending` parts and commit each one as it completes."""
+    import ray
+    import ray.data
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)  # honours RAY_ADDRESS
+    resources = ray.cluster_resources()
+    plan = plan_actors(cfg, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)))
+    log.info("actor plan: %s", plan)
+    total = len(manifest)
+    expected = {}
+    for part in pending:
+        start, stop = store.part_range(part, cfg.shard_size, total)
+        expected[part] = stop - start
+    seen = {p: np.zeros(int(n), dtype=bool) for p, n in expected.items()}
+    buffers: dict[int, list[dict[str, np.ndarray]]] = {p: [] for p in pending}
+    items = _group_items(manifest, pending, cfg.shard_size, cfg.batch_size)
+    n_images = int(sum(expected.values()))
+    size = identity.image_size
+
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.target_max_block_size, ctx.print_on_execution_start)
+    ctx.enable_progress_bars = cfg.progress
+    ctx.print_on_execution_start = cfg.progress
+    # A decoded group is batch_size x size^2 x 3 bytes; small blocks keep the pipeline streaming.
+    ctx.target_max_block_size = max(8 * 1024**2, 2 * cfg.batch_size * size * size * 3)
+    # Workers read S3 with the driver's AWS settings (endpoint, keys) when it has any: Ray
+    # workers may have been started before they were set, or on machines that lack them.
+    aws = {k: os.environ[k] for k in rio.AWS_ENV if os.environ.get(k)}
+    env: dict[str, Any] = {"runtime_env": {"env_vars": aws}} if aws else {}
+    writer = _PartWriter(cfg.out, identity)
+    bar = tqdm(total=n_images, desc="embedded", unit="img", disable=not cfg.progress)
+    t0 = time.perf_counter()
+    t_first: float | None = None
+    first_rows = duplicates = 0
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), _MAX_INPUT_BLOCKS))
+        ds = ds.map_batches(_decode_groups, batch_size=1, num_cpus=cfg.decode_cpus, **env,
+                            fn_kwargs={"size": size, "group_size": cfg.batch_size,
+                                       "io_threads": cfg.io_threads,
+                                       "max_pixels": cfg.max_pixels})  # fmt: skip
+        ds = ds.map_batches(
+            _EmbedActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=plan.actors),
+            num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None, **env,
+            fn_constructor_kwargs={"spec": cfg.model, "teacher": cfg.teacher,
+                                   "device": plan.device, "precision": cfg.precision,
+                                   "image_size": cfg.image_size, "threads": plan.threads,
+                                   "fingerprint": identity.fingerprint},
+        )  # fmt: skip
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            if t_first is None:
+                t_first, first_rows = time.perf_counter(), len(batch["id"])
+            parts = batch["id"] // cfg.shard_size
+            for part in np.unique(parts):
+                part = int(part)
+                sel = np.flatnonzero(parts == part)
+                offsets = batch["id"][sel] - part * cfg.shard_size
+                fresh = ~seen[part][offsets]  # a retried task may deliver rows twice: keep one
+                duplicates += int((~fresh).sum())
+                sel, offsets = sel[fresh], offsets[fresh]
+                seen[part][offsets] = True
+                buffers[part].append({k: v[sel] for k, v in batch.items()})
+                bar.update(len(sel))
+                if seen[part].all():
+                    chunks = buffers.pop(part)
+                    writer.submit(part, {k: np.concatenate([c[k] for c in chunks])
+                                         for k in chunks[0]})  # fmt: skip
+        writer.close()
+    finally:
+        bar.close()
+        writer.pool.shutdown(wait=False, cancel_futures=True)
+        ctx.enable_progress_bars, ctx.target_max_block_size, ctx.print_on_execution_start = saved
+    seconds = time.perf_counter() - t0
+    if buffers:
+        raise RuntimeError(f"the pipeline ended with parts {sorted(buffers)[:10]} incomplete")
+    if duplicates:
+        log.warning("dropped %d rows delivered twice by retried tasks", duplicates)
+    steady = None
+    if t_first is not None and seconds > t_first - t0 and n_images > first_rows:
+        steady = (n_images - first_rows) / (seconds - (t_first - t0))
+    return {
+        "images": n_images,
+        "parts_written": len(pending),
+        "seconds": round(seconds, 3),
+        "first_result_seconds": round((t_first or t0) - t0, 3),
+        "images_per_second": round(n_images / seconds, 2) if seconds > 0 else None,
+        "steady_images_per_second": round(steady, 2) if steady else None,
+        "duplicates_dropped": duplicates,
+        "plan": asdict(plan),
+        "cluster": {k: resources.get(k, 0) for k in ("CPU", "GPU")},
+    }
+
+
+def run_embed_job(cfg: EmbedJobConfig) -> dict[str, Any]:
+    """Embed every image of `cfg.images` into the run at `cfg.out`, resuming what is there.
+
+    Returns the run summary (also written to `<out>/run.json`). Raises `store.StoreError` before
+    doing any work when `out` belongs to another model or its input changed.
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    model = load_embedder(cfg.model, teacher=cfg.teacher, device="cpu", image_size=cfg.image_size,
+                          threads=1)  # fmt: skip
+    identity = store.RunIdentity(model.fingerprint, model.name, model.dim, model.image_size,
+                                 cfg.precision, cfg.shard_size)  # fmt: skip
+    del model
+    commits = store.committed_parts(cfg.out)
+    store.check_identity(cfg.out, identity, commits)
+    t_list = time.perf_counter()
+    manifest = prepare_manifest(cfg, bool(commits))
+    listing_seconds = time.perf_counter() - t_list
+    total, n_parts = len(manifest), store.num_parts(len(manifest), cfg.shard_size)
+    for part, commit in commits.items():
+        start, stop = store.part_range(part, cfg.shard_size, total)
+        if part >= n_parts or commit.get("rows") != stop - start:
+            raise store.StoreError(
+                f"{cfg.out}: commit of part {part} does not match the manifest "
+                f"({commit.get('rows')} rows, expected {max(0, stop - start)}): the run is damaged"
+            )
+    pending = [p for p in range(n_parts) if p not in commits]
+    previous = store.read_run(cfg.out) or {}
+    attempts = list(previous.get("attempts", []))
+    run: dict[str, Any] = {
+        "format": store.FORMAT,
+        "status": "running",
+        "identity": identity.to_dict(),
+        "model": identity.model,
+        "fingerprint": identity.fingerprint,
+        "config": cfg.to_dict(),
+        "input": {"source": cfg.images, "images": total, "parts": n_parts},
+        "attempts": attempts,
+    }
+    store.write_run(cfg.out, run)
+    removed = store.remove_stale_temporaries(cfg.out)
+    if removed:
+        log.info("removed %d temporary files of an interrupted run", removed)
+    log.info("%d images in %d parts: %d committed, %d to do", total, n_parts,
+             n_parts - len(pending), len(pending))  # fmt: skip
+    if pending:
+        stats = _execute(cfg, identity, manifest, pending)
+    else:
+        stats = {"images": 0, "parts_written": 0, "seconds": 0.0, "images_per_second": None}
+    commits = store.committed_parts(cfg.out)
+    if len(commits) != n_parts:
+        raise RuntimeError(f"{len(commits)} of {n_parts} parts committed after the run")
+    embedded = sum(int(c["embedded"]) for c in commits.values())
+    errors = sum(int(c["errors"]) for c in commits.values())
+    attempt = {
+        "started_parts_committed": n_parts - len(pending),
+        **stats,
+        "listing_seconds": round(listing_seconds, 3),
+        "total_seconds": round(time.perf_counter() - t0, 3),
+    }
+    run.update(
+        status="complete",
+        counts={"images": total, "embedded": embedded, "errors": errors, "parts": n_parts,
+                "parts_skipped": n_parts - len(pending), "parts_written": len(pending)},
+        timings={"listing_seconds": attempt["listing_seconds"],
+                 "embedding_seconds": stats["seconds"],
+                 "total_seconds": attempt["total_seconds"],
+                 "images_per_second": stats.get("images_per_second"),
+                 "steady_images_per_second": stats.get("steady_images_per_second")},
+        attempts=[*attempts, attempt],
+    )  # fmt: skip
+    if embedded + errors != total:
+        raise RuntimeError(f"{embedded} embedded + {errors} errors != {total} images")
+    store.write_run(cfg.out, run)
+    return run

@@ -34,6 +34,7 @@ _AWS_ENV = (
     "AWS_CONFIG_FILE",
     "AWS_S3_ANONYMOUS",
 )
+AWS_ENV = _AWS_ENV  # the variables that configure S3 access (jobs forward them to Ray workers)
 _S3_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
 _S3_LOCK = threading.Lock()
 

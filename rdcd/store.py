@@ -1,0 +1,436 @@
+"""The embedding-run store: where a bulk embedding job keeps its input listing, its descriptors,
+its failures and the proof that each part is complete.
+
+Layout of `<out>/` (local path or `s3://` URI; see DESIGN.md, "Embedding run"):
+
+    manifest/manifest.parquet   id (int64, assigned here), uri, size, version (ETag or mtime)
+    manifest/_manifest.json     count, source, sha256 of the listing (written after the Parquet)
+    shards/part-NNNNN.parquet   id, uri, embedding fixed_size_list<float32|float16>[dim]
+    errors/part-NNNNN.parquet   id, uri, error
+    _commits/part-NNNNN.json    written last: a shard without a commit does not exist
+    run.json                    config, model, counts, timings
+
+Part `k` holds ids `[k * shard_size, (k + 1) * shard_size)`, so part names depend only on the
+manifest and the shard size, never on scheduling: a re-run finds exactly the same parts, skips the
+committed ones and overwrites whatever an interrupted run left uncommitted. Every Parquet file
+carries the model fingerprint in its key-value metadata, and the store refuses to mix two models.
+Readers (the FAISS index builder, evaluation) go through `read_embeddings`, which only sees
+committed parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rdcd import io as rio
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rdcd-embeddings-v1"
+MANIFEST_DIR, SHARDS_DIR, ERRORS_DIR, COMMITS_DIR = "manifest", "shards", "errors", "_commits"
+MANIFEST_FILE, MANIFEST_DONE, RUN_FILE = "manifest.parquet", "_manifest.json", "run.json"
+META_FINGERPRINT, META_DIM, META_MODEL = "rdcd.fingerprint", "rdcd.dim", "rdcd.model"
+META_PRECISION, META_PART = "rdcd.precision", "rdcd.part"
+PRECISIONS = {"fp32": pa.float32(), "fp16": pa.float16()}
+
+
+class StoreError(ValueError):
+    """An embedding run that cannot be read or appended to; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What must be equal for two invocations to write into the same run: mixing models, sizes or
+    storage precisions would silently make the descriptors incomparable, and another shard size
+    would renumber the parts."""
+
+    fingerprint: str
+    model: str  # human-readable name, e.g. "sscd-onnx" or "student:efficientnet_b0/128"
+    dim: int
+    image_size: int
+    precision: str
+    shard_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Manifest:
+    """The input listing, in id order: `ids[i] == i`."""
+
+    uris: list[str]
+    sizes: np.ndarray  # int64; -1 where unknown (a manifest file of URIs)
+    versions: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+
+class Embeddings(NamedTuple):
+    """Committed descriptors of a run, sorted by id (unpacks as `ids, uris, embeddings, meta`)."""
+
+    ids: np.ndarray  # int64 (N,)
+    uris: list[str]
+    embeddings: np.ndarray  # float32 (N, dim), L2-normalised rows
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PartFiles:
+    """One part, encoded and ready to be written."""
+
+    part: int
+    shard: bytes
+    errors: bytes
+    commit: dict[str, Any]
+
+
+def part_name(part: int) -> str:
+    return f"part-{part:05d}"
+
+
+def part_uris(out: str, part: int) -> tuple[str, str, str]:
+    """(shard, errors, commit) URIs of `part` under `out`."""
+    name = part_name(part)
+    return (
+        rio.join(out, SHARDS_DIR, f"{name}.parquet"),
+        rio.join(out, ERRORS_DIR, f"{name}.parquet"),
+        rio.join(out, COMMITS_DIR, f"{name}.json"),
+    )
+
+
+def part_range(part: int, shard_size: int, total: int) -> tuple[int, int]:
+    """The ids `[start, stop)` of `part`."""
+    start = part * shard_size
+    return start, min(total, start + shard_size)
+
+
+def num_parts(total: int, shard_size: int) -> int:
+    return (total + shard_size - 1) // shard_size
+
+
+# ---- manifest -------------------------------------------------------------------------------
+
+
+def listing_digest(uris: Sequence[str], sizes: Sequence[int], versions: Sequence[str]) -> str:
+    """sha256 of the listing: equal digests mean the same files, in the same order, unchanged."""
+    h = hashlib.sha256()
+    for u, s, v in zip(uris, sizes, versions, strict=True):
+        h.update(f"{u}\t{int(s)}\t{v}\n".encode())
+    return h.hexdigest()
+
+
+def write_manifest(out: str, manifest: Manifest) -> None:
+    """Write the listing, then `_manifest.json`: a manifest without it was cut short."""
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(len(manifest), dtype=np.int64)),
+            "uri": pa.array(manifest.uris, pa.string()),
+            "size": pa.array(np.asarray(manifest.sizes, dtype=np.int64)),
+            "version": pa.array(manifest.versions, pa.string()),
+        }
+    )
+    rio.write_bytes(rio.join(out, MANIFEST_DIR, MANIFEST_FILE), _parquet_bytes(table))
+    done = {
+        "format": FORMAT,
+        "count": len(manifest),
+        "source": manifest.source,
+        "sha256": listing_digest(manifest.uris, manifest.sizes, manifest.versions),
+        "written_at": _now(),
+    }
+    rio.write_text(rio.join(out, MANIFEST_DIR, MANIFEST_DONE), json.dumps(done, indent=2))
+
+
+def read_manifest(out: str) -> Manifest | None:
+    """The run's manifest, or None when there is no complete one."""
+    done_uri = rio.join(out, MANIFEST_DIR, MANIFEST_DONE)
+    if not rio.exists(done_uri):
+        return None
+    done = json.loads(rio.read_text(done_uri))
+    table = pq.read_table(io.BytesIO(rio.read_bytes(rio.join(out, MANIFEST_DIR, MANIFEST_FILE))))
+    ids = table.column("id").to_numpy()
+    if len(ids) != done["count"] or not np.array_equal(ids, np.arange(len(ids))):
+        raise StoreError(f"{out}: manifest/ is damaged (ids are not 0..{done['count'] - 1})")
+    return Manifest(
+        uris=table.column("uri").to_pylist(),
+        sizes=table.column("size").to_numpy(),
+        versions=table.column("version").to_pylist(),
+        source=done.get("source", ""),
+    )
+
+
+def check_same_listing(existing: Manifest, listed: Manifest, out: str) -> None:
+    """Refuse to go on when the input changed since the manifest was written: ids are assigned by
+    position, so a new or removed file would shift every id after it."""
+    a = listing_digest(existing.uris, existing.sizes, existing.versions)
+    b = listing_digest(listed.uris, listed.sizes, listed.versions)
+    if a == b:
+        return
+    old = dict(zip(existing.uris, zip(existing.sizes.tolist(), existing.versions, strict=True),
+                   strict=True))  # fmt: skip
+    new = dict(zip(listed.uris, zip(listed.sizes.tolist(), listed.versions, strict=True),
+                   strict=True))  # fmt: skip
+    added = len(new.keys() - old.keys())
+    removed = len(old.keys() - new.keys())
+    changed = sum(1 for u in old.keys() & new.keys() if old[u] != new[u])
+    raise StoreError(
+        f"the input {listed.source!r} changed since {out} was started ({added} added, {removed} "
+        f"removed, {changed} modified of {len(existing)}): ids would no longer be stable. Embed "
+        "into a new --out, delete the old one to start over, or pass --reuse-manifest to finish "
+        "the original listing"
+    )
+
+
+# ---- parts ----------------------------------------------------------------------------------
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    # Descriptors and unique URIs do not compress with dictionaries; one row group per part.
+    pq.write_table(table, buf, use_dictionary=False, compression="snappy",
+                   row_group_size=max(1, table.num_rows))  # fmt: skip
+    return buf.getvalue()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def encode_part(
+    part: int,
+    identity: RunIdentity,
+    ids: np.ndarray,
+    uris: Sequence[str],
+    embeddings: np.ndarray,
+    errors: Sequence[str],
+) -> PartFiles:
+    """Encode one complete part. Row `i` is embedded when `errors[i]` is empty, else it goes to the
+    errors file with its reason. Rows are sorted by id, so the bytes depend only on the inputs."""
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    uris = [uris[i] for i in order]
+    errors = [errors[i] for i in order]
+    embeddings = np.asarray(embeddings)[order]
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"part {part}: duplicate ids")
+    ok = np.array([not e for e in errors], dtype=bool)
+    value_type = PRECISIONS[identity.precision]
+    vectors = np.ascontiguousarray(embeddings[ok], dtype=value_type.to_pandas_dtype())
+    if vectors.shape[1:] != (identity.dim,):
+        raise ValueError(f"part {part}: embeddings of shape {vectors.shape}, dim {identity.dim}")
+    meta = {
+        META_FINGERPRINT: identity.fingerprint,
+        META_DIM: str(identity.dim),
+        META_MODEL: identity.model,
+        META_PRECISION: identity.precision,
+        META_PART: str(part),
+    }
+    shard = pa.table(
+        {
+            "id": pa.array(ids[ok]),
+            "uri": pa.array([u for u, g in zip(uris, ok, strict=True) if g], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1), value_type), identity.dim
+            ),
+        }
+    ).replace_schema_metadata(meta)
+    bad = ~ok
+    errs = pa.table(
+        {
+            "id": pa.array(ids[bad]),
+            "uri": pa.array([u for u, b in zip(uris, bad, strict=True) if b], pa.string()),
+            "error": pa.array([e for e in errors if e], pa.string()),
+        }
+    ).replace_schema_metadata(meta)
+    shard_bytes, err_bytes = _parquet_bytes(shard), _parquet_bytes(errs)
+    name = part_name(part)
+    commit = {
+        "format": FORMAT,
+        "part": part,
+        "first_id": int(ids[0]) if len(ids) else None,
+        "last_id": int(ids[-1]) if len(ids) else None,
+        "rows": int(len(ids)),
+        "embedded": int(ok.sum()),
+        "errors": int(bad.sum()),
+        "shard": posixpath.join(SHARDS_DIR, f"{name}.parquet"),
+        "shard_bytes": len(shard_bytes),
+        "shard_sha256": hashlib.sha256(shard_bytes).hexdigest(),
+        "errors_file": posixpath.join(ERRORS_DIR, f"{name}.parquet"),
+        "errors_bytes": len(err_bytes),
+        "errors_sha256": hashlib.sha256(err_bytes).hexdigest(),
+        **identity.to_dict(),
+    }
+    return PartFiles(part, shard_bytes, err_bytes, commit)
+
+
+def write_part(out: str, files: PartFiles) -> None:
+    """Shard, then errors, then the commit: a reader never sees a part that is not whole."""
+    shard_uri, errors_uri, commit_uri = part_uris(out, files.part)
+    rio.write_bytes(shard_uri, files.shard)
+    rio.write_bytes(errors_uri, files.errors)
+    rio.write_text(commit_uri, json.dumps({**files.commit, "written_at": _now()}, indent=2))
+
+
+def committed_parts(out: str, threads: int = 16) -> dict[int, dict[str, Any]]:
+    """Every commit record under `out`, by part number (read in parallel: S3 latency adds up)."""
+    root = rio.join(out, COMMITS_DIR)
+    if not rio.exists(root):
+        return {}
+    names = [
+        f.uri
+        for f in rio.list_files(root, (".json",), recursive=False)
+        if posixpath.basename(f.uri).startswith("part-")
+    ]
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(threads, len(names))) as pool:
+        records = list(pool.map(lambda u: json.loads(rio.read_text(u)), names))
+    return {int(r["part"]): r for r in records}
+
+
+def read_run(out: str) -> dict[str, Any] | None:
+    uri = rio.join(out, RUN_FILE)
+    return json.loads(rio.read_text(uri)) if rio.exists(uri) else None
+
+
+def write_run(out: str, run: dict[str, Any]) -> None:
+    rio.write_text(rio.join(out, RUN_FILE), json.dumps(run, indent=2, default=str))
+
+
+def check_identity(
+    out: str, identity: RunIdentity, commits: dict[int, dict[str, Any]] | None = None
+) -> None:
+    """Refuse to append to `out` when its run or any commit names another model, dimension,
+    precision, image size or shard size. Nothing is deleted: the user decides."""
+    commits = committed_parts(out) if commits is None else commits
+    theirs: list[tuple[str, dict[str, Any]]] = []
+    run = read_run(out)
+    if run and run.get("identity"):
+        theirs.append((rio.join(out, RUN_FILE), run["identity"]))
+    theirs += [(rio.join(out, COMMITS_DIR, f"{part_name(p)}.json"), c) for p, c in commits.items()]
+    ours = identity.to_dict()
+    for where, record in theirs:
+        if record.get("fingerprint") != identity.fingerprint:
+            raise StoreError(
+                f"refusing to append to {out}: it holds embeddings of model "
+                f"{record.get('model')!r} (fingerprint {str(record.get('fingerprint'))[:12]}, "
+                f"per {where}), not of {identity.model!r} (fingerprint "
+                f"{identity.fingerprint[:12]}). Use another --out, or delete {out} to re-embed "
+                "everything with the new model"
+            )
+        for key in ("dim", "image_size", "precision", "shard_size"):
+            if key in record and record[key] != ours[key]:
+                raise StoreError(
+                    f"refusing to append to {out}: it was written with {key}={record[key]!r} "
+                    f"(per {where}), this run asks for {key}={ours[key]!r}. Re-run with the "
+                    f"original setting, or use another --out"
+                )
+
+
+def remove_stale_temporaries(out: str) -> int:
+    """Delete the `*.tmp-*` files a killed local writer left behind (S3 writes leave none)."""
+    if rio.is_s3(out):
+        return 0
+    import glob
+    import os
+
+    removed = 0
+    for sub in (SHARDS_DIR, ERRORS_DIR, COMMITS_DIR, MANIFEST_DIR):
+        for path in glob.glob(os.path.join(rio.filesystem(out)[1], sub, "*.tmp-*")):
+            os.remove(path)
+            removed += 1
+    return removed
+
+
+# ---- readers --------------------------------------------------------------------------------
+
+
+def _read_table(out: str, rel: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(rio.read_bytes(rio.join(out, *rel.split("/")))))
+
+
+def _check_commit(out: str, commit: dict[str, Any], table: pa.Table, key: str) -> None:
+    expected = commit["embedded"] if key == "shard" else commit["errors"]
+    if table.num_rows != expected:
+        raise StoreError(
+            f"{out}: {commit[key]} has {table.num_rows} rows, its commit says {expected} "
+            "(the file was modified after it was committed)"
+        )
+
+
+def read_embeddings(out: str, *, threads: int = 8) -> Embeddings:
+    """All committed descriptors of the run at `out`, as float32 sorted by id.
+
+    Only parts with a commit are read, so this is safe to call while a job is still writing.
+    `meta` holds the run identity (fingerprint, model, dim, precision...) and counts.
+    """
+    commits = committed_parts(out)
+    if not commits:
+        raise StoreError(f"{out}: no committed embedding parts (is this an `rdcd embed` output?)")
+    first = commits[min(commits)]
+    fingerprints = {c["fingerprint"] for c in commits.values()}
+    if len(fingerprints) != 1:
+        raise StoreError(f"{out}: parts from {len(fingerprints)} different models; refusing")
+    dim = int(first["dim"])
+
+    def load(commit: dict[str, Any]) -> pa.Table:
+        table = _read_table(out, commit["shard"])
+        _check_commit(out, commit, table, "shard")
+        found = (table.schema.metadata or {}).get(META_FINGERPRINT.encode(), b"").decode()
+        if found != commit["fingerprint"]:
+            raise StoreError(f"{out}: {commit['shard']} has another model's fingerprint")
+        return table
+
+    ordered = [commits[p] for p in sorted(commits)]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(ordered)))) as pool:
+        tables = list(pool.map(load, ordered))
+    ids = np.concatenate([t.column("id").to_numpy() for t in tables]).astype(np.int64)
+    uris = [u for t in tables for u in t.column("uri").to_pylist()]
+    vectors = [
+        t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        for t in tables
+    ]
+    emb = np.concatenate(vectors).astype(np.float32).reshape(-1, dim) if vectors else None
+    order = np.argsort(ids, kind="stable")
+    meta = {
+        key: first[key]
+        for key in ("fingerprint", "model", "dim", "image_size", "precision", "shard_size")
+    }
+    meta.update(
+        parts=len(commits),
+        embedded=int(sum(c["embedded"] for c in commits.values())),
+        errors=int(sum(c["errors"] for c in commits.values())),
+        out=out,
+    )
+    return Embeddings(ids[order], [uris[i] for i in order], emb[order], meta)
+
+
+def read_errors(out: str) -> list[tuple[int, str, str]]:
+    """`(id, uri, reason)` of every committed image that was not embedded, sorted by id."""
+    rows: list[tuple[int, str, str]] = []
+    for commit in committed_parts(out).values():
+        table = _read_table(out, commit["errors_file"])
+        _check_commit(out, commit, table, "errors_file")
+        rows += zip(
+            table.column("id").to_pylist(),
+            table.column("uri").to_pylist(),
+            table.column("error").to_pylist(),
+            strict=True,
+        )
+    return sorted(rows)
