@@ -87,6 +87,9 @@ class DistillConfig:
     w_rel: float = 1.0
     w_feat: float = 0.0  # direct feature distillation (not in the paper; see losses.feature_loss)
     fit_heads: int = 0  # > 0: fit both linear heads in closed form on this many images first
+    freeze: tuple[
+        str, ...
+    ] = ()  # student parameter-name prefixes kept fixed, e.g. backbone.blocks.0
     amp: bool = True  # mixed precision on GPU only
     seed: int = 0
     log_every: int = 10
@@ -140,6 +143,7 @@ class RDCD(nn.Module):
         if cfg.init != "random":
             self._initialise(cfg)
         self._freeze_unused(self.student)
+        self._frozen_norms = self._freeze_prefixes(self.student, tuple(cfg.freeze))
         self.student.to(memory_format=torch.channels_last)  # before DDP builds its buckets
         self.momentum_student = copy.deepcopy(self.student)
         for p in self.momentum_student.parameters():
@@ -167,6 +171,35 @@ class RDCD(nn.Module):
         self.student.load_state_dict(fits, strict=False)
         log.info("initialised from student %s (%s): %d of %d tensors", uri, fp[:12], len(fits),
                  len(own))  # fmt: skip
+
+    @staticmethod
+    def _freeze_prefixes(net: StudentNet, prefixes: tuple[str, ...]) -> list[str]:
+        """Fix the parameters named by `prefixes` (fine-tuning only the top of a pretrained
+        backbone: on a small CPU budget the lower layers have nothing to gain and most of the
+        backward cost). Their normalisation layers stay in eval mode, so their statistics do
+        not drift towards the augmented views either. Returns those layers' names."""
+        if not prefixes:
+            return []
+        names = {n for n, _ in net.named_parameters()}
+        for prefix in prefixes:
+            if not any(n.startswith(prefix) for n in names):
+                raise ValueError(f"freeze: no student parameter starts with {prefix!r}")
+        for n, p in net.named_parameters():
+            if n.startswith(prefixes):
+                p.requires_grad_(False)
+        norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+        return [
+            n for n, m in net.named_modules() if n.startswith(prefixes) and isinstance(m, norms)
+        ]
+
+    def train(self, mode: bool = True) -> RDCD:
+        super().train(mode)
+        modules = dict(self.student.named_modules())
+        momentum = dict(self.momentum_student.named_modules())
+        for name in self._frozen_norms:
+            modules[name].eval()
+            momentum[name].eval()
+        return self
 
     @staticmethod
     def _freeze_unused(net: StudentNet) -> None:

@@ -54,6 +54,21 @@ def test_zero_weight_turns_a_term_off(off):
     assert m["loss"] == pytest.approx(sum(weights[k] * m[k] for k in weights if k in m), rel=1e-5)
 
 
+def test_frozen_layers_keep_weights_and_statistics():
+    cfg = tiny(freeze=("backbone.conv_stem", "backbone.bn1", "backbone.blocks.0"))
+    model = RDCD(cfg).train()
+    before = {k: v.clone() for k, v in model.student.state_dict().items()}
+    train_step(model, model.student, make_optimizer(model, cfg), _batch(), 0, torch.device("cpu"))
+    after = model.student.state_dict()
+    frozen = [k for k in before if k.startswith(cfg.freeze) and before[k].is_floating_point()]
+    assert any("running_mean" in k for k in frozen)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["backbone.blocks.1.0.conv_dw.weight"],
+                           after["backbone.blocks.1.0.conv_dw.weight"])  # fmt: skip
+    with pytest.raises(ValueError, match="no student parameter starts with 'backbone.nope'"):
+        RDCD(tiny(freeze=("backbone.nope",)))
+
+
 def test_init_from_a_trained_student(tmp_path):
     from rdcd.models.checkpoint import save_checkpoint
 
