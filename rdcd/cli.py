@@ -240,7 +240,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     print(f"images           {c['images']}: {c['embedded']} embedded, {c['errors']} in errors/")
     print(f"parts            {c['parts']}: {c['parts_written']} written, "
           f"{c['parts_skipped']} already committed")  # fmt: skip
-    print(f"time             {t['total_seconds']} s ({t['images_per_second']} images/s)")
+    rate = t["images_per_second"]
+    print(f"time             {t['total_seconds']} s"
+          + (f" ({rate} images/s)" if rate else " (nothing left to embed)"))  # fmt: skip
     print(f"wrote {cfg.out} (run.json, shards/, errors/)")
     return 0
 

@@ -240,8 +240,8 @@ def load_embedder(
                            teacher_size=image_size)  # fmt: skip
     if image_size and model.image_size != image_size:
         raise ModelError(
-            f"{spec} takes {model.image_size}px images; --image-size {image_size} applies to "
-            "teachers only (a student is embedded at the size it was trained for)"
+            f"{spec} takes {model.image_size}px images only; --image-size {image_size} applies "
+            "to teachers with a free input size (students keep the size they were trained for)"
         )
     return model
 
@@ -330,7 +330,7 @@ def _decode_groups(
                 n_ok += 1
                 errors.append("")
             else:
-                log.warning("not embedded: %s: %s", uri, result)
+                log.debug("not embedded: %s: %s", uri, result)
                 errors.append(result or "unknown decode error")
         starts.append(int(start))
         metas.append(json.dumps({"uris": uris, "errors": errors}))
@@ -358,7 +358,7 @@ class _EmbedActor:
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids, uris, errors, vectors = [], [], [], []
+        ids, uris, errors, vectors, done = [], [], [], [], []
         for start, meta_json, pixels in zip(batch["start"], batch["meta"], batch["pixels"],
                                             strict=True):  # fmt: skip
             meta = json.loads(str(meta_json))
@@ -371,11 +371,13 @@ class _EmbedActor:
             uris += meta["uris"]
             errors += meta["errors"]
             vectors.append(emb)
+            done.append(np.full(n, time.time()))
         return {
             "id": np.concatenate(ids),
             "uri": np.asarray(uris, dtype=object),
             "error": np.asarray(errors, dtype=object),
             "embedding": np.concatenate(vectors),
+            "done_at": np.concatenate(done),  # for the steady-state rate; not stored
         }
 
 
@@ -471,6 +473,7 @@ def _execute(
     t0 = time.perf_counter()
     t_first: float | None = None
     first_rows = duplicates = 0
+    first_done, last_done = math.inf, -math.inf
     try:
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), _MAX_INPUT_BLOCKS))
         ds = ds.map_batches(_decode_groups, batch_size=1, num_cpus=cfg.decode_cpus, **env,
@@ -487,7 +490,16 @@ def _execute(
         )  # fmt: skip
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             if t_first is None:
-                t_first, first_rows = time.perf_counter(), len(batch["id"])
+                t_first = time.perf_counter()
+            # Steady-state rate: from the first embedded group to the last, minus that group
+            # (actor start-up and model load are behind it, not in the rate).
+            done_at = batch.pop("done_at")
+            earliest = float(done_at.min())
+            if earliest < first_done:
+                first_done, first_rows = earliest, int((done_at == earliest).sum())
+            elif earliest == first_done:
+                first_rows += int((done_at == earliest).sum())
+            last_done = max(last_done, float(done_at.max()))
             parts = batch["id"] // cfg.shard_size
             for part in np.unique(parts):
                 part = int(part)
@@ -514,8 +526,8 @@ def _execute(
     if duplicates:
         log.warning("dropped %d rows delivered twice by retried tasks", duplicates)
     steady = None
-    if t_first is not None and seconds > t_first - t0 and n_images > first_rows:
-        steady = (n_images - first_rows) / (seconds - (t_first - t0))
+    if last_done > first_done:
+        steady = (n_images - first_rows) / (last_done - first_done)
     return {
         "images": n_images,
         "parts_written": len(pending),

@@ -321,6 +321,11 @@ def check_identity(
     commits = committed_parts(out) if commits is None else commits
     theirs: list[tuple[str, dict[str, Any]]] = []
     run = read_run(out)
+    if run is not None and run.get("format") != FORMAT:
+        raise StoreError(
+            f"refusing to write into {out}: its run.json is not an embedding run's (a training "
+            "output?); use another --out"
+        )
     if run and run.get("identity"):
         theirs.append((rio.join(out, RUN_FILE), run["identity"]))
     theirs += [(rio.join(out, COMMITS_DIR, f"{part_name(p)}.json"), c) for p, c in commits.items()]

@@ -290,6 +290,10 @@ def test_store_refuses_other_model_and_settings(tmp_path):
     with pytest.raises(store.StoreError, match="precision='fp32'"):
         store.check_identity(out, _identity("fp16"))
     assert store.committed_parts(out)[0]["fingerprint"] == "f" * 64  # nothing was touched
+    training = str(tmp_path / "training")
+    rio.write_text(rio.join(training, "run.json"), json.dumps({"student": "student.pt"}))
+    with pytest.raises(store.StoreError, match="not an embedding run"):
+        store.check_identity(training, _identity())
 
 
 def test_manifest_is_stable_and_refuses_a_changed_input(tmp_path):
