@@ -161,7 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rdcd.train import run_local, run_training
 
     cfg = load_distill_config(args)
-    logging.getLogger("rdcd.train").setLevel(logging.INFO)  # per-step metrics every log_every
+    for name in ("rdcd.train", "rdcd.distill"):  # per-step metrics, head-fitting progress
+        logging.getLogger(name).setLevel(logging.INFO)
     print(
         f"distilling {cfg.backbone}/{cfg.dim} from {cfg.teacher} on {cfg.images} ({cfg.steps} "
         f"steps, {cfg.workers} worker(s) x batch {cfg.batch_size}) -> {cfg.out}"

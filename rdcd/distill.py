@@ -87,6 +87,8 @@ class DistillConfig:
     w_rel: float = 1.0
     w_feat: float = 0.0  # direct feature distillation (not in the paper; see losses.feature_loss)
     fit_heads: int = 0  # > 0: fit both linear heads in closed form on this many images first
+    fit_views: int = 2  # augmented views per image for the fit (even)
+    fit_whiten: bool = True  # the fitted d-dim head whitens (PCA whitening) as well as projects
     freeze: tuple[
         str, ...
     ] = ()  # student parameter-name prefixes kept fixed, e.g. backbone.blocks.0
@@ -116,8 +118,13 @@ class DistillConfig:
             )
         if self.w_con == 0 and self.w_hn == 0 and self.w_rel == 0 and self.w_feat == 0:
             raise ValueError("all loss weights are 0: nothing to train")
-        if self.steps < 1 or self.batch_size < 2:
-            raise ValueError("steps must be >= 1 and batch_size >= 2")
+        if self.steps < 0 or self.batch_size < 2:
+            raise ValueError("steps must be >= 0 and batch_size >= 2")
+        if self.steps == 0 and not self.fit_heads:
+            raise ValueError("steps 0 trains nothing: set steps >= 1, or fit_heads to export "
+                             "the closed-form student")  # fmt: skip
+        if self.fit_views < 2 or self.fit_views % 2:
+            raise ValueError("fit_views must be an even number >= 2 (views come in pairs)")
 
     @classmethod
     def from_dict(cls, d: dict) -> DistillConfig:
@@ -458,37 +465,52 @@ def fit_heads(
       backbone features of two augmented views per image (penalty chosen on held-out images),
       so `h_S` starts in the teacher's space and L_rel/L_feat refine rather than discover it;
     - `head` (512 -> d): the top-d principal directions of the fitted `h_S` (centred), the
-      linear d-dim code that keeps the most of the 512-d geometry.
+      linear d-dim code that keeps the most of the 512-d geometry, whitened with `fit_whiten`
+      (as SSCD whitens its descriptors for DISC2021).
+    Starting from a trained student (`init: student:...`, e.g. a 256-d one seeding a 64-d one),
+    its projection is kept and only the new head is fitted.
     """
     n = min(n_images or cfg.fit_heads, len(uris))
     net = RDCD(replace(cfg, queue_size=2, memory_size=2)).student.eval()
     order = epoch_order(len(uris), cfg.seed, -1)[:n]
     feats, targets, groups = [], [], []
     pool = ThreadPoolExecutor(max_workers=2)
-    for lo in range(0, n, cfg.batch_size):
-        idx = order[lo : lo + cfg.batch_size]
-        made = pool.map(lambda i: make_views(uris[i], i, -1, cfg), idx)
-        pairs = [(i, p) for i, p in zip(idx, made, strict=True) if p]
-        if not pairs:
-            continue
-        views = np.concatenate([np.stack([p[0] for _, p in pairs]),
-                                np.stack([p[1] for _, p in pairs])])  # fmt: skip
-        feats.append(_pooled_features(net, views).double())
-        targets.append(torch.as_tensor(teacher.embed(views)).double())
-        groups.extend([i for i, _ in pairs] * 2)
+    for epoch in range(-1, -1 - cfg.fit_views // 2, -1):  # negative epochs: never trained on
+        for lo in range(0, n, cfg.batch_size):
+            idx = order[lo : lo + cfg.batch_size]
+            made = pool.map(lambda i, e=epoch: make_views(uris[i], i, e, cfg), idx)
+            pairs = [(i, p) for i, p in zip(idx, made, strict=True) if p]
+            if not pairs:
+                continue
+            views = np.concatenate([np.stack([p[0] for _, p in pairs]),
+                                    np.stack([p[1] for _, p in pairs])])  # fmt: skip
+            feats.append(_pooled_features(net, views).double())
+            targets.append(torch.as_tensor(teacher.embed(views)).double())
+            groups.extend([i for i, _ in pairs] * 2)
+        log.info("fit_heads: %d views embedded", len(groups))
     pool.shutdown()
     x, y = torch.cat(feats), torch.cat(targets)
-    held = torch.tensor([g % 5 == 0 for g in groups])  # by image, so both views stay together
-    best = (-2.0, 1.0)
-    for scale in (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0):
-        w, b = _ridge(x[~held], y[~held], scale)
-        score = float(F.cosine_similarity(x[held] @ w + b, y[held], dim=1).mean())
-        best = max(best, (score, scale))
-    w, b = _ridge(x, y, best[1])
+    if cfg.init.startswith(STUDENT_INIT):  # a trained student keeps its projection
+        w, b = net.project.weight.detach().double().T, net.project.bias.detach().double()
+        best = (float(F.cosine_similarity(x @ w + b, y, dim=1).mean()), 0.0)
+    else:
+        held = torch.tensor([g % 5 == 0 for g in groups])  # by image: both views on one side
+        best = (-2.0, 1.0)
+        for scale in (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0):
+            w, b = _ridge(x[~held], y[~held], scale)
+            score = float(F.cosine_similarity(x[held] @ w + b, y[held], dim=1).mean())
+            best = max(best, (score, scale))
+        w, b = _ridge(x, y, best[1])
     h = x @ w + b
     mean = h.mean(0)
-    _, _, v = torch.linalg.svd(h - mean, full_matrices=False)
+    _, sv, v = torch.linalg.svd(h - mean, full_matrices=False)
     basis = v[: cfg.dim]  # (d, 512)
+    if cfg.fit_whiten:  # unit variance per component (floored, so noise is not blown up)
+        std = sv[: cfg.dim] / math.sqrt(len(h))
+        basis = basis / (std + 1e-3 * std[0])[:, None]
+    if basis.shape[0] < cfg.dim:  # fewer views than dimensions: complete orthonormally
+        extra = torch.randn(cfg.dim - basis.shape[0], basis.shape[1], dtype=basis.dtype)
+        basis = torch.linalg.qr(torch.cat([basis, extra]).T).Q.T
     with torch.no_grad():
         net.project.weight.copy_(w.T.float())
         net.project.bias.copy_(b.float())

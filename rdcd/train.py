@@ -186,11 +186,13 @@ def fitted_start(
 ) -> DistillConfig:
     """With `fit_heads`, fit the student's heads once (`<out>/init-student.pt`) and return a
     config that starts every worker from it; a resumed or re-run job reuses the same file."""
-    if not cfg.fit_heads or cfg.init.startswith(STUDENT_INIT):
+    if not cfg.fit_heads:
         return cfg
     uri = rio.join(cfg.out, INIT_STUDENT)
     if not rio.is_s3(uri):
         uri = os.path.abspath(uri)  # Ray workers may run in another directory
+    if cfg.init == STUDENT_INIT + uri:
+        return cfg
     if not rio.exists(uri):
         from rdcd.models import load_model
         from rdcd.models.checkpoint import save_checkpoint
@@ -213,15 +215,17 @@ def run_training(cfg: DistillConfig) -> dict:
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     start = _resume_step(cfg)
-    if start >= cfg.steps:
+    if start >= cfg.steps > 0:
         log.info("run already finished at step %d; exporting again", start)
+    t0 = time.perf_counter()
     cfg = fitted_start(cfg, uris)
     storage = rio.join(cfg.out, "ray")
     fs, storage_path = rio.arrow_filesystem(storage) if rio.is_s3(storage) else (None, None)
     if not rio.is_s3(storage):
         storage_path = os.path.abspath(storage)
         os.makedirs(storage_path, exist_ok=True)
-    t0 = time.perf_counter()
+    if cfg.steps == 0:
+        return finish(cfg, None, time.perf_counter() - t0, 0, len(uris))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"distill": cfg.to_dict()},
@@ -245,10 +249,15 @@ def run_training(cfg: DistillConfig) -> dict:
     return finish(cfg, data, seconds, start, len(uris))
 
 
-def finish(cfg: DistillConfig, state: bytes, seconds: float, start: int, n_images: int) -> dict:
+def finish(
+    cfg: DistillConfig, state: bytes | None, seconds: float, start: int, n_images: int
+) -> dict:
     """Export the student of a final training state and write `run.json` beside it."""
-    model = RDCD(replace(cfg, init="random"))
-    step, history = load_state(state, model, make_optimizer(model, cfg))
+    if state is None:  # steps 0: the closed-form (fit_heads) student is the result
+        model, step, history = RDCD(cfg), 0, []
+    else:
+        model = RDCD(replace(cfg, init="random"))
+        step, history = load_state(state, model, make_optimizer(model, cfg))
     meta = {"steps": step, "teacher": cfg.teacher, "images": cfg.images, "dim": cfg.dim}
     fp = export_student(model, rio.join(cfg.out, "student.pt"), meta=meta)
     summary = {
