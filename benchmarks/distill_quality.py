@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import time
@@ -115,6 +116,7 @@ def main() -> None:
     p.add_argument("--student", action="append", default=[], help="trained student checkpoint(s)")
     p.add_argument("--work", default="runs/distill-quality", help="where the eval set is built")
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.add_argument("--write-manifest", metavar="FILE",
                    help="write the training manifest (hold-out excluded) and exit")  # fmt: skip
     args = p.parse_args()
@@ -127,12 +129,13 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}, "
           f"cuda={torch.cuda.is_available()}")  # fmt: skip
     models = [("teacher SSCD R50 (int8 ONNX)", "sscd")]
-    for s in args.student:
-        models.append((f"untrained {os.path.basename(s)}",
-                       untrained_student(s, os.path.join(args.work, "untrained.pt"))))  # fmt: skip
+    for i, s in enumerate(args.student):
+        untrained = untrained_student(s, os.path.join(args.work, f"untrained-{i}.pt"))
+        models.append(("  same, untrained (random heads)", untrained))
         models.append((f"student {s}", s))
     print(f"{'model':<52}{'dim':>5}{'µAP':>8}{'µAP-sn':>8}{'R@P90':>8}{'R@1':>7}{'img/s':>8}")
     teacher_uap = None
+    rows = []
     for name, spec in models:
         m = evaluate(EvalConfig(disc_root=root, model=spec, out=os.path.join(args.work, "eval"),
                                 progress=False))  # fmt: skip
@@ -141,14 +144,25 @@ def main() -> None:
               f"{m['recall_at_p90_sn']:>8.3f}{m['recall_at_1']:>7.3f}"
               f"{m['timings']['images_per_second']:>8.1f}   "
               f"(µAP-sn / teacher {m['uap_sn'] / teacher_uap:.2f})")  # fmt: skip
+        rows.append({"model": name, "spec": spec, "dim": m["model"]["dim"], "uap": m["uap"],
+                     "uap_sn": m["uap_sn"], "recall_at_p90_sn": m["recall_at_p90_sn"],
+                     "recall_at_1": m["recall_at_1"], "ratio_to_teacher": m["uap_sn"] / teacher_uap,
+                     "fingerprint": m["model"]["fingerprint"]})  # fmt: skip
+    timing = None
     if args.student and not args.no_timing:
-        t = step_timing(args.student[0])
+        t = timing = step_timing(args.student[0])
         print(
             f"training on this CPU, batch 32: student step {t['student_step_s']:.2f} s, "
             f"teacher {t['teacher_s']:.2f} s (share {t['teacher_share']:.0%} if serial); "
             f"{t['train_images_per_s_serial']:.1f} img/s serial, "
             f"{t['train_images_per_s_overlapped']:.1f} img/s with the teacher overlapped"
         )
+
+    if args.json:
+        rio.write_text(args.json, json.dumps({"eval_set": counts, "rows": rows,
+                                              "cpu_step_timing": timing,
+                                              "hardware": f"{os.cpu_count()} CPUs, no GPU"},
+                                             indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -169,9 +169,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     summary = run_local(cfg) if args.local else run_training(cfg)
     final = summary["final"]
-    print(f"done: {summary['steps']} steps (resumed from {summary['resumed_from']}) in "
-          f"{summary['seconds']} s; final loss {final.get('loss', float('nan')):.4f}, "
-          f"teacher agreement {final.get('agreement', float('nan')):.3f}")  # fmt: skip
+    if summary["steps"] == 0:
+        print(f"done: exported the closed-form (fit_heads) student in {summary['seconds']} s")
+    else:
+        print(f"done: {summary['steps']} steps (resumed from {summary['resumed_from']}) in "
+              f"{summary['seconds']} s; final loss {final.get('loss', float('nan')):.4f}, "
+              f"teacher agreement {final.get('agreement', float('nan')):.3f}")  # fmt: skip
     print(f"student: {summary['student']} (fingerprint {summary['fingerprint'][:12]})")
     return 0
 

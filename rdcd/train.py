@@ -284,6 +284,7 @@ def run_local(cfg: DistillConfig, device: str | None = None) -> dict:
     cfg.validate()
     uris = list_training_images(cfg)
     teacher = load_model(cfg.teacher, teacher=cfg.teacher_path, teacher_size=cfg.train_size)
+    t0 = time.perf_counter()
     cfg = fitted_start(cfg, uris, teacher)
     state_uri = rio.join(cfg.out, LOCAL_STATE)
     resume = rio.read_bytes(state_uri) if rio.exists(state_uri) else None
@@ -296,7 +297,6 @@ def run_local(cfg: DistillConfig, device: str | None = None) -> dict:
         rio.write_bytes(state_uri, state)
         last["state"] = state
 
-    t0 = time.perf_counter()
     if start < cfg.steps:
         train(
             cfg,
