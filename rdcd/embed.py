@@ -225,19 +225,11 @@ def load_embedder(
     import torch
 
     from rdcd.models import ModelError, load_model
-    from rdcd.models.resolve import TEACHER_NAMES, resolve_teacher_uri
-    from rdcd.models.teacher import TEACHER_IMAGE_SIZE, OnnxEmbedder
 
     if threads:
         torch.set_num_threads(threads)
-    uri = resolve_teacher_uri(teacher) if spec.lower() in TEACHER_NAMES else spec
-    if uri.lower().endswith(".onnx"):
-        model: Embedder = OnnxEmbedder(
-            uri, image_size=image_size or TEACHER_IMAGE_SIZE, threads=threads or 0
-        )
-    else:
-        model = load_model(spec, teacher=teacher, device=device, precision=precision,
-                           teacher_size=image_size)  # fmt: skip
+    model = load_model(spec, teacher=teacher, device=device, precision=precision,
+                       teacher_size=image_size, threads=threads or 0)  # fmt: skip
     if image_size and model.image_size != image_size:
         raise ModelError(
             f"{spec} takes {model.image_size}px images only; --image-size {image_size} applies "

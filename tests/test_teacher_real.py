@@ -48,3 +48,12 @@ def test_landmark_hard_negatives_stay_low(teacher, shared_data):
             np.stack([_load(shared_data / r["image_a"]), _load(shared_data / r["image_b"])])
         )
         assert float(e[0] @ e[1]) < 0.6, r
+
+
+def test_load_model_caps_onnx_threads(teacher):
+    from rdcd.models import load_model
+
+    capped = load_model("sscd", threads=1, teacher_size=224)
+    assert capped.session.get_session_options().intra_op_num_threads == 1
+    assert capped.image_size == 224
+    assert load_model("sscd").session.get_session_options().intra_op_num_threads == 0

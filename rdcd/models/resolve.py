@@ -52,12 +52,14 @@ def load_model(
     device: str | None = None,
     precision: str = "fp32",
     teacher_size: int | None = None,
+    threads: int = 0,
 ) -> Embedder:
     """Load the model named by `spec` (`sscd` or a student checkpoint path/URI).
-    `teacher_size` changes a teacher's input size (students keep their checkpoint's)."""
+    `teacher_size` changes a teacher's input size (students keep their checkpoint's); `threads`
+    caps an ONNX teacher's intra-op threads (torch models follow `torch.set_num_threads`)."""
     if spec.lower() in TEACHER_NAMES:
         uri = resolve_teacher_uri(teacher)
-        return load_teacher(uri, device=device, precision=precision, image_size=teacher_size)
+        return load_teacher(uri, device, precision, teacher_size, threads)
     if spec.lower() == DEFAULT_NAME:
         path = default_student_path()
         if path is None:
@@ -66,5 +68,5 @@ def load_model(
             )
         return load_student(path, device=device, precision=precision)
     if spec.lower().endswith((".onnx", ".torchscript.pt", ".torchvision.pt")):
-        return load_teacher(spec, device=device, precision=precision, image_size=teacher_size)
+        return load_teacher(spec, device, precision, teacher_size, threads)
     return load_student(spec, device=device, precision=precision)

@@ -206,14 +206,19 @@ def installed_onnx_teacher() -> str | None:
 
 
 def load_teacher(
-    uri: str, device: str | None = None, precision: str = "fp32", image_size: int | None = None
+    uri: str,
+    device: str | None = None,
+    precision: str = "fp32",
+    image_size: int | None = None,
+    threads: int = 0,
 ) -> Embedder:
     """Pick the loader by file name: `.onnx`, `*torchscript*`, else a torchvision state dict.
-    `image_size` overrides the 288 px evaluation size (training feeds 224 px views)."""
+    `image_size` overrides the 288 px evaluation size (training feeds 224 px views); `threads`
+    caps onnxruntime's intra-op threads (0: one per core)."""
     size = image_size or TEACHER_IMAGE_SIZE
     name = os.path.basename(uri).lower()
     if name.endswith(".onnx"):
-        return OnnxEmbedder(uri, image_size=size)
+        return OnnxEmbedder(uri, image_size=size, threads=threads)
     if "torchscript" in name or name.endswith((".ts", ".jit")):
         return load_sscd_torchscript(uri, device, precision, size)
     return load_sscd_torchvision(uri, device, precision, size)
