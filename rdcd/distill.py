@@ -441,7 +441,7 @@ def local_batches(
 
 def _pooled_features(net: StudentNet, views: np.ndarray) -> torch.Tensor:
     with torch.no_grad():
-        return net.pool(net._feature_map(to_input(views, torch.device("cpu")))).flatten(1)
+        return net.pooled(to_input(views, torch.device("cpu"))).flatten(1)
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

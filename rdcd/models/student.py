@@ -75,9 +75,13 @@ class StudentNet(nn.Module):
             f = f.permute(0, 3, 1, 2)  # NHWC backbones (e.g. Swin) to NCHW
         return f
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The GeM-pooled backbone feature, before both linear heads."""
+        return self.pool(self._feature_map(x))
+
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (`h_S`, unnormalised 512-d; `z_S`, the L2-normalised d-dim descriptor)."""
-        h = self.project(self.pool(self._feature_map(x)))
+        h = self.project(self.pooled(x))
         z = F.normalize(self.head(h), dim=1)
         return h, z
 
