@@ -12,7 +12,7 @@ for all queries, which is what a global metric such as µAP (and a production th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -120,3 +120,148 @@ def search(
     raw, idx = knn(queries, references, k)
     scores = normalizer.normalize(queries, raw) if normalizer is not None else raw
     return Neighbours(idx, raw, scores)
+
+
+# ---- sharded indexes ------------------------------------------------------------------------
+
+
+class FingerprintMismatchError(ValueError):
+    """Descriptors of one model searched against an index of another: the scores would be noise."""
+
+
+def check_fingerprint(expected: str, found: str | None, where: str) -> None:
+    """Refuse `found` descriptors for an index (or shard) built from the model `expected`."""
+    if found is None:
+        raise FingerprintMismatchError(
+            f"{where}: the query descriptors carry no model fingerprint; the index holds model "
+            f"{expected[:12]} and refuses descriptors it cannot attribute"
+        )
+    if found != expected:
+        raise FingerprintMismatchError(
+            f"{where} was built from model {expected[:12]}, the query descriptors come from "
+            f"model {found[:12]}: embed the queries with the index's model, or build an index of "
+            "this model"
+        )
+
+
+def merge_topk(
+    parts: list[tuple[np.ndarray, np.ndarray]], k: int, n_queries: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard `(scores, ids)` into the global top-`k` per query (ids -1 = no result)."""
+    if not parts:
+        return np.full((n_queries, 0), -np.inf, np.float32), np.full((n_queries, 0), -1, np.int64)
+    scores = np.concatenate([p[0] for p in parts], axis=1).astype(np.float32)
+    ids = np.concatenate([p[1] for p in parts], axis=1).astype(np.int64)
+    scores = np.where(ids < 0, -np.inf, scores)
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+@dataclass
+class Shard:
+    """One loaded FAISS shard: the index (reference ids as FAISS labels), the id -> URI table and
+    the ids deleted since it was built (tombstones), which searches skip."""
+
+    name: str
+    index: faiss.Index
+    ids: np.ndarray  # int64, sorted: the reference ids this shard holds
+    uris: list[str]  # uris[i] belongs to ids[i]
+    tombstones: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sorted
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def live(self) -> int:
+        return self.ntotal - len(self.tombstones)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`k` live references of this shard, (scores, ids), -1 ids where there are fewer.
+
+        It asks FAISS for `k` + (tombstones in this shard) results, so deleted references can
+        never push a live one out of the top `k`."""
+        q = _as_matrix(queries, "queries")
+        want = min(self.ntotal, k + len(self.tombstones))
+        if want == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        scores, ids = self.index.search(q, want)
+        if len(self.tombstones):
+            dead = np.isin(ids, self.tombstones)
+            ids = np.where(dead, -1, ids)
+        scores = np.where(ids < 0, -np.inf, scores)
+        order = np.argsort(ids < 0, axis=1, kind="stable")[:, :k]
+        scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        if ids.shape[1] < k:
+            pad = k - ids.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        return scores.astype(np.float32), ids.astype(np.int64)
+
+    def uri_of(self, ids: np.ndarray) -> list[str | None]:
+        """The URI of each id, None where this shard does not hold it."""
+        ids = np.asarray(ids, np.int64)
+        if not len(self.ids):
+            return [None] * len(ids)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        found = self.ids[pos] == ids
+        return [
+            self.uris[p] if f else None for p, f in zip(pos.tolist(), found.tolist(), strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class Matches:
+    """Results of a sharded search; row i belongs to query i, best first, ids -1 = none."""
+
+    ids: np.ndarray  # (n, k) int64 reference ids
+    uris: list[list[str | None]]
+    raw_scores: np.ndarray  # (n, k) cosine similarities (exact when the index re-ranks)
+    scores: np.ndarray  # (n, k) after score normalisation (= raw_scores without it)
+    missing_shards: tuple[str, ...] = ()
+
+
+@dataclass
+class ShardedIndex:
+    """Every shard of one published index version, searched as one index.
+
+    The query path is: each shard's top-k (FAISS; an IVF shard re-ranks its candidates with exact
+    inner products from its refine stage) -> merge -> score normalisation against the background
+    set -> the caller's threshold. Descriptors of another model are refused, never searched."""
+
+    shards: list[Shard]
+    fingerprint: str
+    version: int
+    dim: int
+    normalizer: ScoreNormalizer | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.live for s in self.shards)
+
+    def search(self, queries: np.ndarray, k: int = 10, *, fingerprint: str | None) -> Matches:
+        check_fingerprint(self.fingerprint, fingerprint, f"index version {self.version}")
+        q = _as_matrix(queries, "queries")
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries are {q.shape[1]}-d, the index is {self.dim}-d")
+        raw, ids = merge_topk([s.search(q, k) for s in self.shards], k, len(q))
+        return self.finish(q, raw, ids)
+
+    def finish(self, queries: np.ndarray, raw: np.ndarray, ids: np.ndarray,
+               missing: tuple[str, ...] = ()) -> Matches:  # fmt: skip
+        """Score-normalise merged results and attach URIs (also used by Serve's ingress)."""
+        scores = raw
+        if self.normalizer is not None and raw.shape[1]:
+            scores = np.where(ids < 0, -np.inf, self.normalizer.normalize(queries, raw))
+        return Matches(ids, [self.uris_of(row) for row in ids], raw, scores, missing)
+
+    def uris_of(self, ids: np.ndarray) -> list[str | None]:
+        ids = np.asarray(ids, np.int64)
+        out: list[str | None] = [None] * len(ids)
+        for shard in self.shards:
+            for i, uri in enumerate(shard.uri_of(ids)):
+                if uri is not None and ids[i] >= 0:
+                    out[i] = uri
+        return out

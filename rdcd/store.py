@@ -379,40 +379,34 @@ def _check_commit(out: str, commit: dict[str, Any], table: pa.Table, key: str) -
         )
 
 
-def read_embeddings(out: str, *, threads: int = 8) -> Embeddings:
-    """All committed descriptors of the run at `out`, as float32 sorted by id.
+def read_part(out: str, commit: dict[str, Any]) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """`(ids, uris, float32 embeddings)` of one committed part, checked against its commit.
 
-    Only parts with a commit are read, so this is safe to call while a job is still writing.
-    `meta` holds the run identity (fingerprint, model, dim, precision...) and counts.
-    """
-    commits = committed_parts(out)
+    The index builder reads parts one by one in parallel tasks, so no process has to hold a
+    whole run."""
+    table = _read_table(out, commit["shard"])
+    _check_commit(out, commit, table, "shard")
+    found = (table.schema.metadata or {}).get(META_FINGERPRINT.encode(), b"").decode()
+    if found != commit["fingerprint"]:
+        raise StoreError(f"{out}: {commit['shard']} has another model's fingerprint")
+    dim = int(commit["dim"])
+    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return (
+        table.column("id").to_numpy().astype(np.int64),
+        table.column("uri").to_pylist(),
+        flat.astype(np.float32).reshape(-1, dim),
+    )
+
+
+def run_identity(out: str, commits: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The identity (fingerprint, model, dim, ...) and counts of the committed parts of a run."""
+    commits = committed_parts(out) if commits is None else commits
     if not commits:
         raise StoreError(f"{out}: no committed embedding parts (is this an `rdcd embed` output?)")
-    first = commits[min(commits)]
     fingerprints = {c["fingerprint"] for c in commits.values()}
     if len(fingerprints) != 1:
         raise StoreError(f"{out}: parts from {len(fingerprints)} different models; refusing")
-    dim = int(first["dim"])
-
-    def load(commit: dict[str, Any]) -> pa.Table:
-        table = _read_table(out, commit["shard"])
-        _check_commit(out, commit, table, "shard")
-        found = (table.schema.metadata or {}).get(META_FINGERPRINT.encode(), b"").decode()
-        if found != commit["fingerprint"]:
-            raise StoreError(f"{out}: {commit['shard']} has another model's fingerprint")
-        return table
-
-    ordered = [commits[p] for p in sorted(commits)]
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(ordered)))) as pool:
-        tables = list(pool.map(load, ordered))
-    ids = np.concatenate([t.column("id").to_numpy() for t in tables]).astype(np.int64)
-    uris = [u for t in tables for u in t.column("uri").to_pylist()]
-    vectors = [
-        t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        for t in tables
-    ]
-    emb = np.concatenate(vectors).astype(np.float32).reshape(-1, dim) if vectors else None
-    order = np.argsort(ids, kind="stable")
+    first = commits[min(commits)]
     meta = {
         key: first[key]
         for key in ("fingerprint", "model", "dim", "image_size", "precision", "shard_size")
@@ -423,6 +417,58 @@ def read_embeddings(out: str, *, threads: int = 8) -> Embeddings:
         errors=int(sum(c["errors"] for c in commits.values())),
         out=out,
     )
+    return meta
+
+
+def write_embeddings(
+    out: str,
+    uris: Sequence[str],
+    embeddings: np.ndarray,
+    identity: RunIdentity,
+    source: str = "arrays",
+) -> dict[str, Any]:
+    """Write descriptors computed elsewhere as a complete embedding run (ids 0..n-1 in the order
+    given). Benchmarks and tests use it to build indexes of synthetic or pre-computed vectors with
+    exactly the files `rdcd embed` writes."""
+    n = len(uris)
+    if len(embeddings) != n:
+        raise ValueError(f"{n} URIs but {len(embeddings)} embeddings")
+    manifest = Manifest(list(uris), np.full(n, -1, np.int64), [""] * n, source)
+    write_manifest(out, manifest)
+    for part in range(num_parts(n, identity.shard_size)):
+        start, stop = part_range(part, identity.shard_size, n)
+        ids = np.arange(start, stop, dtype=np.int64)
+        files = encode_part(part, identity, ids, manifest.uris[start:stop],
+                            embeddings[start:stop], [""] * (stop - start))  # fmt: skip
+        write_part(out, files)
+    run = {
+        "format": FORMAT,
+        "status": "complete",
+        "identity": identity.to_dict(),
+        "model": identity.model,
+        "fingerprint": identity.fingerprint,
+        "input": {"source": source, "images": n, "parts": num_parts(n, identity.shard_size)},
+        "counts": {"images": n, "embedded": n, "errors": 0},
+    }
+    write_run(out, run)
+    return run
+
+
+def read_embeddings(out: str, *, threads: int = 8) -> Embeddings:
+    """All committed descriptors of the run at `out`, as float32 sorted by id.
+
+    Only parts with a commit are read, so this is safe to call while a job is still writing.
+    `meta` holds the run identity (fingerprint, model, dim, precision...) and counts.
+    """
+    commits = committed_parts(out)
+    meta = run_identity(out, commits)
+    ordered = [commits[p] for p in sorted(commits)]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(ordered)))) as pool:
+        parts = list(pool.map(lambda c: read_part(out, c), ordered))
+    ids = np.concatenate([p[0] for p in parts])
+    uris = [u for p in parts for u in p[1]]
+    emb = np.concatenate([p[2] for p in parts])
+    order = np.argsort(ids, kind="stable")
     return Embeddings(ids[order], [uris[i] for i in order], emb[order], meta)
 
 

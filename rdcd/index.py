@@ -1,0 +1,870 @@
+"""Sharded, versioned FAISS indexes built from embedding runs.
+
+Layout of `<index>/` (a local path or an `s3://` URI; DESIGN.md, "Index"):
+
+    v<N>/trained.faiss            the trained, empty index (coarse quantizer and codec); shards,
+                                  delta shards and compaction all add to copies of it
+    v<N>/shard-NNN.faiss          one FAISS shard; its labels are the reference ids
+    v<N>/shard-NNN.refs.parquet   `id`, `uri` of the references in that shard
+    v<N>/delta-NNN.faiss (+refs)  references added after the base was built
+    v<N>/tombstones.parquet       `id`s removed since the base was built; searches skip them
+    v<N>/background.npy           descriptors of unrelated images, for score normalisation
+    v<N>/manifest.json            written once every file above is verified
+    CURRENT                       `v<N>`: the published version, written last
+
+A version never changes once its manifest exists. An update (delta shard, tombstones, compaction)
+writes a new version whose manifest also names the unchanged files of its parent, so a server of
+the old version is never disturbed, and publishing is always one small write of `CURRENT`. A build
+that dies before that write leaves `CURRENT` (and everything it names) as it was.
+
+The quantizer and codec are trained once, on a uniform random sample of every committed part, and
+each shard is one Ray task that streams its group of Parquet parts into a copy of the trained
+empty index. Every file is hashed by the task that writes it and read back and re-hashed before
+publishing; readers check the hashes again before FAISS deserialises anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rdcd import io as rio
+from rdcd import store
+from rdcd.search import ScoreNormalizer, Shard, ShardedIndex, check_fingerprint
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rdcd-index-v1"
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+TRAINED = "trained.faiss"
+TOMBSTONES = "tombstones.parquet"
+BACKGROUND = "background.npy"
+CRASH_ENV = "RDCD_TEST_CRASH_INDEX"  # tests: "before-manifest" or "before-current" -> os._exit
+FLAT_MAX = 250_000  # up to here exact search is cheap enough: ~10 ms a query on one core
+SHARD_TARGET = 1_000_000  # default vectors per shard: one searcher replica's worth
+DEFAULT_BUDGET = 8 * 1024**3
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+class IndexStoreError(ValueError):
+    """An index that cannot be built, updated or read; the message says why and what to do."""
+
+
+# ---- configuration and the choice of factory -------------------------------------------------
+
+
+@dataclass
+class IndexConfig:
+    """How to build an index from an embedding run. The defaults build a sensible index of any
+    size within 8 GiB; `factory`, `shards` and `nprobe` override the automatic choices."""
+
+    embeddings: str = ""  # the embedding run (`rdcd embed --out`)
+    out: str = ""  # the index root
+    factory: str | None = None  # FAISS factory string; None = chosen from size and budget
+    shards: int | None = None  # None = one per million vectors
+    memory_budget: int = DEFAULT_BUDGET  # bytes the whole index may take in memory
+    nprobe: int | None = None  # IVF lists searched per query; None = chosen with the factory
+    k_factor: int = 4  # candidates per result that an IVF shard re-ranks exactly
+    train_sample: int | None = None  # vectors to train on; None = 32 per IVF list, >= 20k
+    background: str | None = None  # embedding run of unrelated images (score normalisation)
+    max_background: int = 10_000
+    beta: float = 1.0  # score-normalisation strength
+    background_n: int = 3  # neighbours averaged by score normalisation
+    task_cpus: float = 1.0  # CPUs per shard task (also FAISS threads in it)
+    gpu: bool | None = None  # train the quantizer on GPU; None = when FAISS sees one
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.embeddings or not self.out:
+            raise ValueError("an index needs --embeddings (an embedding run) and --out")
+        if self.shards is not None and self.shards < 1:
+            raise ValueError(f"--shards must be >= 1, got {self.shards}")
+        if self.memory_budget <= 0:
+            raise ValueError(f"--memory-budget must be positive, got {self.memory_budget}")
+        if self.k_factor < 1:
+            raise ValueError(f"--k-factor must be >= 1, got {self.k_factor}")
+
+
+@dataclass(frozen=True)
+class FactoryChoice:
+    factory: str
+    nprobe: int | None
+    bytes_per_vector: float
+    reason: str
+
+
+def _pow2(x: float) -> int:
+    return 1 << max(0, round(math.log2(max(x, 1.0))))
+
+
+def ivf_lists(n: int) -> int:
+    """About 2*sqrt(n) lists (a power of two), with at least 39 training points per list."""
+    nlist = _pow2(2 * math.sqrt(n))
+    while nlist > 16 and nlist * 39 > n:
+        nlist //= 2
+    return max(16, min(nlist, 65536))
+
+
+def default_nprobe(nlist: int) -> int:
+    return max(8, min(nlist, nlist // 64))
+
+
+def choose_factory(n: int, dim: int, memory_budget: int = DEFAULT_BUDGET) -> FactoryChoice:
+    """The FAISS factory for `n` vectors of `dim` within `memory_budget` bytes, and why.
+
+    Exact search (Flat) up to FLAT_MAX vectors; beyond, an IVF index whose candidates are
+    re-ranked with exact inner products (`RFlat`: the float32 vectors are kept), then with fp16
+    vectors (scores within ~1e-3 of exact), then SQ8 codes alone, then PQ codes, whichever is
+    the first that fits the budget."""
+    flat = 4 * dim + 8
+    if n <= FLAT_MAX and n * flat <= memory_budget:
+        return FactoryChoice(
+            "Flat", None, flat, f"{n:,} vectors <= {FLAT_MAX:,}: exact search, nothing to train"
+        )
+    nlist = ivf_lists(n)
+    nprobe = default_nprobe(nlist)
+    coarse = nlist * dim * 4
+    candidates = [
+        (f"IVF{nlist},SQ8,RFlat", dim + 4 * dim + 16, "SQ8 codes, exact re-rank from float32"),
+        (f"IVF{nlist},SQ8,Refine(SQfp16)", dim + 2 * dim + 16, "SQ8 codes, fp16 re-rank"),
+        (f"IVF{nlist},SQ8", dim + 8, "SQ8 codes, no re-rank (scores approximate)"),
+    ]
+    for m in (dim // 4, dim // 8, dim // 16):
+        if m >= 4 and dim % m == 0:
+            candidates.append((f"IVF{nlist},PQ{m}x8", m + 8, f"PQ{m} codes (scores approximate)"))
+    for factory, per_vector, what in candidates:
+        need = n * per_vector + coarse
+        if need <= memory_budget:
+            reason = (
+                f"{n:,} vectors: {nlist} IVF lists (~2*sqrt(n)), {what}; about "
+                f"{need / 1024**3:.2f} GiB of the {memory_budget / 1024**3:.2f} GiB budget"
+            )
+            return FactoryChoice(factory, nprobe, per_vector, reason)
+    smallest = candidates[-1]
+    raise IndexStoreError(
+        f"{n:,} vectors of {dim} dims do not fit a {memory_budget:,}-byte budget even as "
+        f"{smallest[0]} (~{n * smallest[1] + coarse:,} bytes): raise --memory-budget, or pass "
+        "a smaller --factory (e.g. fewer PQ bytes)"
+    )
+
+
+def _nlist_of(factory: str) -> int | None:
+    m = re.search(r"IVF(\d+)", factory)
+    return int(m.group(1)) if m else None
+
+
+def _empty_index(factory: str, dim: int) -> faiss.Index:
+    """The index of `factory` for inner product, wrapped in an id map when it has no ids of its
+    own (Flat, refine stages), so every shard's labels are reference ids."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise IndexStoreError(f"FAISS does not understand --factory {factory!r}: {exc}") from exc
+    if isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+        return index
+    return faiss.IndexIDMap(index)
+
+
+def tune(index: faiss.Index, nprobe: int | None, k_factor: int | None) -> None:
+    """Set the search-time parameters of a loaded shard (through id maps and refine stages)."""
+    node = faiss.downcast_index(index)
+    while True:
+        if isinstance(node, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            node = faiss.downcast_index(node.index)
+        elif isinstance(node, faiss.IndexRefine):
+            if k_factor:
+                node.k_factor = float(k_factor)
+            node = faiss.downcast_index(node.base_index)
+        else:
+            break
+    if isinstance(node, faiss.IndexIVF) and nprobe:
+        node.nprobe = int(nprobe)
+
+
+def _serialize(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
+
+
+def _deserialize(data: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---- versions and manifests ----------------------------------------------------------------
+
+
+def versions(root: str) -> list[int]:
+    """Every version folder under `root`, published or not (a crashed build leaves one)."""
+    if not rio.exists(root):
+        return []
+    found: set[int] = set()
+    base = root.rstrip("/")
+    for f in rio.list_files(root):
+        rel = f.uri[len(base) :].lstrip("/") if f.uri.startswith(base) else f.uri
+        m = _VERSION_DIR.match(rel.replace(os.sep, "/").split("/", 1)[0])
+        if m:
+            found.add(int(m.group(1)))
+    return sorted(found)
+
+
+def current_version(root: str) -> int | None:
+    """The published version named by `CURRENT`, or None when nothing is published."""
+    uri = rio.join(root, CURRENT)
+    if not rio.exists(uri):
+        return None
+    text = rio.read_text(uri).strip()
+    m = _VERSION_DIR.match(text)
+    if not m:
+        raise IndexStoreError(f"{uri} holds {text[:40]!r}, not a version name like 'v3'")
+    return int(m.group(1))
+
+
+def read_manifest(root: str, version: int | None = None) -> dict[str, Any]:
+    """The manifest of `version` (default: the published one)."""
+    if version is None:
+        version = current_version(root)
+        if version is None:
+            raise IndexStoreError(
+                f"{root}: no published index (no {CURRENT}); build one with `rdcd index`"
+            )
+    uri = rio.join(root, f"v{version}", MANIFEST)
+    if not rio.exists(uri):
+        raise IndexStoreError(f"{root}: version v{version} has no manifest (an unfinished build)")
+    manifest = json.loads(rio.read_text(uri))
+    if manifest.get("format") != FORMAT:
+        raise IndexStoreError(f"{uri} is not an rdcd index manifest")
+    return manifest
+
+
+def _read_checked(root: str, rel: str, sha256: str) -> bytes:
+    data = rio.read_bytes(rio.join(root, *rel.split("/")))
+    if _sha(data) != sha256:
+        raise IndexStoreError(
+            f"{root}/{rel}: sha256 differs from the manifest (damaged or replaced); refusing to "
+            "load it. Rebuild the index"
+        )
+    return data
+
+
+def _write_parquet(uri: str, table: pa.Table) -> tuple[int, str]:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="snappy")
+    data = buf.getvalue()
+    rio.write_bytes(uri, data)
+    return len(data), _sha(data)
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        log.error("%s=%s: dying on purpose", CRASH_ENV, name)
+        os._exit(17)
+
+
+# ---- the sources: which Parquet parts feed which shard ----------------------------------------
+
+
+@dataclass(frozen=True)
+class PartRef:
+    """One committed part of one embedding run; its ids are shifted by `offset` in the index."""
+
+    source: int  # position in the manifest's `sources`
+    uri: str  # the embedding run
+    part: int
+    rows: int  # embedded rows
+    offset: int
+
+    @property
+    def commit_rel(self) -> str:
+        return f"{store.COMMITS_DIR}/{store.part_name(self.part)}.json"
+
+
+def _source_digest(commits: dict[int, dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(commits):
+        h.update(f"{p}:{commits[p]['shard_sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def _describe_source(uri: str, offset: int, position: int) -> tuple[dict[str, Any], list[PartRef]]:
+    commits = store.committed_parts(uri)
+    meta = store.run_identity(uri, commits)
+    refs = [
+        PartRef(position, uri, p, int(c["embedded"]), offset) for p, c in sorted(commits.items())
+    ]
+    max_id = max(int(c["last_id"]) for c in commits.values() if c.get("last_id") is not None)
+    entry = {
+        "uri": uri,
+        "id_offset": offset,
+        "fingerprint": meta["fingerprint"],
+        "model": meta["model"],
+        "dim": int(meta["dim"]),
+        "parts": len(commits),
+        "embedded": meta["embedded"],
+        "max_id": max_id + offset,
+        "parts_sha256": _source_digest(commits),
+    }
+    return entry, [r for r in refs if r.rows > 0]
+
+
+def _check_source_unchanged(entry: dict[str, Any]) -> list[PartRef]:
+    commits = store.committed_parts(entry["uri"])
+    if not commits or _source_digest(commits) != entry["parts_sha256"]:
+        raise IndexStoreError(
+            f"the embedding run {entry['uri']} changed (or vanished) since the index was built "
+            "from it; compaction re-reads the runs it was built from. Rebuild the index instead"
+        )
+    return [
+        PartRef(-1, entry["uri"], p, int(c["embedded"]), int(entry["id_offset"]))
+        for p, c in sorted(commits.items())
+        if int(c["embedded"]) > 0
+    ]
+
+
+def plan_groups(parts: list[PartRef], shards: int) -> list[list[PartRef]]:
+    """Split parts, in order, into at most `shards` contiguous groups of about equal rows."""
+    shards = max(1, min(shards, len(parts)))
+    total = sum(p.rows for p in parts)
+    groups: list[list[PartRef]] = [[] for _ in range(shards)]
+    done = 0
+    for p in parts:
+        g = min(shards - 1, int(done * shards / max(total, 1)))
+        groups[g].append(p)
+        done += p.rows
+    return [g for g in groups if g]
+
+
+# ---- the work of one Ray task ----------------------------------------------------------------
+
+
+def _read_ref(ref: PartRef) -> tuple[np.ndarray, list[str], np.ndarray]:
+    commit = json.loads(rio.read_text(rio.join(ref.uri, *ref.commit_rel.split("/"))))
+    ids, uris, vectors = store.read_part(ref.uri, commit)
+    return ids + ref.offset, uris, vectors
+
+
+def sample_rows(picks: list[tuple[PartRef, np.ndarray]]) -> np.ndarray:
+    """The rows `idx` of each part: the training sample, read where the parts are."""
+    out = [_read_ref(ref)[2][idx] for ref, idx in picks]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def build_shard(
+    trained: bytes,
+    root: str,
+    rel_base: str,
+    parts: list[PartRef],
+    exclude: np.ndarray,
+    background: np.ndarray | None,
+    fingerprint: str,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Stream `parts` into a copy of the trained empty index; write `<rel_base>.faiss` and
+    `<rel_base>.refs.parquet`. Returns the shard's manifest entry (sizes, hashes, id range) and
+    the best raw score of each background vector against it (the background statistics)."""
+    faiss.omp_set_num_threads(max(1, threads))
+    t0 = time.perf_counter()
+    index = _deserialize(trained)
+    all_ids, all_uris = [], []
+    for ref in parts:
+        ids, uris, vectors = _read_ref(ref)
+        if len(exclude):
+            keep = ~np.isin(ids, exclude)
+            ids, vectors = ids[keep], vectors[keep]
+            uris = [u for u, k in zip(uris, keep.tolist(), strict=True) if k]
+        if len(ids):
+            index.add_with_ids(np.ascontiguousarray(vectors), ids)
+        all_ids.append(ids)
+        all_uris += uris
+    ids = np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64)
+    order = np.argsort(ids, kind="stable")
+    refs = pa.table(
+        {"id": pa.array(ids[order]), "uri": pa.array([all_uris[i] for i in order], pa.string())}
+    ).replace_schema_metadata({store.META_FINGERPRINT: fingerprint})
+    data = _serialize(index)
+    rio.write_bytes(rio.join(root, *f"{rel_base}.faiss".split("/")), data)
+    refs_bytes, refs_sha = _write_parquet(rio.join(root, *f"{rel_base}.refs.parquet".split("/")),
+                                          refs)  # fmt: skip
+    bg_top1: list[float] = []
+    if background is not None and len(background) and index.ntotal:
+        bg_top1 = index.search(background, 1)[0][:, 0].tolist()
+    return {
+        "name": rel_base.rsplit("/", 1)[-1],
+        "file": f"{rel_base}.faiss",
+        "refs": f"{rel_base}.refs.parquet",
+        "ntotal": int(index.ntotal),
+        "bytes": len(data),
+        "sha256": _sha(data),
+        "refs_bytes": refs_bytes,
+        "refs_sha256": refs_sha,
+        "min_id": int(ids.min()) if len(ids) else None,
+        "max_id": int(ids.max()) if len(ids) else None,
+        "parts": [{"source": p.source, "part": p.part} for p in parts],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "_bg_top1": bg_top1,
+    }
+
+
+# ---- drivers -------------------------------------------------------------------------------
+
+
+def _ray_map(fn, calls: list[dict[str, Any]], cpus: float, gpus: float = 0.0) -> list[Any]:
+    """Run `fn(**kwargs)` for each call as a Ray task (in parallel) and return the results."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)  # honours RAY_ADDRESS
+    # Workers read and write S3 with the driver's AWS settings when it has any.
+    aws = {k: os.environ[k] for k in rio.AWS_ENV if os.environ.get(k)}
+    options: dict[str, Any] = {"num_cpus": cpus, "max_retries": 2}
+    if gpus:
+        options["num_gpus"] = gpus
+    if aws:
+        options["runtime_env"] = {"env_vars": aws}
+    remote = ray.remote(fn).options(**options)
+    return ray.get([remote.remote(**c) for c in calls])
+
+
+def _use_gpu(cfg: IndexConfig) -> bool:
+    has = faiss.get_num_gpus() > 0
+    if cfg.gpu and not has:
+        raise IndexStoreError("--gpu asked for, but this FAISS sees no GPU (install faiss-gpu)")
+    return bool(has if cfg.gpu is None else cfg.gpu)
+
+
+def _train(
+    factory: str, dim: int, sample: np.ndarray, gpu: bool, threads: int
+) -> tuple[faiss.Index, float]:
+    faiss.omp_set_num_threads(max(1, threads))
+    index = _empty_index(factory, dim)
+    t0 = time.perf_counter()
+    if not index.is_trained:
+        ivf = faiss.extract_index_ivf(index) if _nlist_of(factory) else None
+        if gpu and ivf is not None:
+            # k-means of the coarse quantizer is the costly part of training; run it on GPU.
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
+        try:
+            index.train(np.ascontiguousarray(sample))
+        except RuntimeError as exc:
+            raise IndexStoreError(
+                f"training {factory} on {len(sample)} vectors failed: {exc}"
+            ) from exc
+        if ivf is not None:
+            ivf.clustering_index = None
+    return index, time.perf_counter() - t0
+
+
+def _sample_plan(
+    parts: list[PartRef], size: int, seed: int
+) -> list[list[tuple[PartRef, np.ndarray]]]:
+    """Uniform random rows over all parts, grouped into at most 16 reading tasks."""
+    counts = np.array([p.rows for p in parts], np.int64)
+    total = int(counts.sum())
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(total, size=min(size, total), replace=False))
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    which = np.searchsorted(bounds, rows, side="right") - 1
+    picks = [(parts[i], rows[which == i] - bounds[i]) for i in np.unique(which)]
+    n_tasks = min(16, len(picks))
+    return [picks[i::n_tasks] for i in range(n_tasks)]
+
+
+def _load_background(cfg: IndexConfig, fingerprint: str) -> np.ndarray | None:
+    if not cfg.background:
+        return None
+    bg = store.read_embeddings(cfg.background)
+    check_fingerprint(fingerprint, bg.meta["fingerprint"], f"background run {cfg.background}")
+    x = bg.embeddings
+    if len(x) > cfg.max_background:
+        pick = np.random.default_rng(cfg.seed).choice(len(x), cfg.max_background, replace=False)
+        x = x[np.sort(pick)]
+    return np.ascontiguousarray(x, np.float32)
+
+
+def _background_stats(results: list[dict[str, Any]]) -> dict[str, float] | None:
+    tops = [np.asarray(r.pop("_bg_top1")) for r in results]
+    tops = [t for t in tops if len(t)]
+    if not tops:
+        return None
+    best = np.max(np.stack(tops), axis=0)
+    return {
+        "queries": int(len(best)),
+        "top1_mean": round(float(best.mean()), 4),
+        "top1_p50": round(float(np.quantile(best, 0.5)), 4),
+        "top1_p99": round(float(np.quantile(best, 0.99)), 4),
+        "top1_max": round(float(best.max()), 4),
+    }
+
+
+def _verify(root: str, entries: list[dict[str, Any]]) -> None:
+    """Read every new file back and compare its hash: what we publish is what we wrote."""
+
+    def check(e: dict[str, Any]) -> None:
+        _read_checked(root, e["file"], e["sha256"])
+        _read_checked(root, e["refs"], e["refs_sha256"])
+
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(entries)))) as pool:
+        list(pool.map(check, entries))
+
+
+def _publish(root: str, manifest: dict[str, Any], parent: int | None) -> None:
+    """Write the manifest, then `CURRENT`. An update refuses to publish over a version that
+    appeared after its parent (two writers): re-running it applies it to the new one."""
+    version = manifest["version"]
+    rio.write_text(rio.join(root, f"v{version}", MANIFEST), json.dumps(manifest, indent=2))
+    _crash_point("before-current")
+    now = current_version(root)
+    if parent is not None and now != parent:
+        raise IndexStoreError(
+            f"{root}: v{now} was published while this update was built on v{parent}; "
+            f"v{version} is left unpublished. Re-run the update"
+        )
+    rio.write_text(rio.join(root, CURRENT), f"v{version}\n")
+    log.info("published %s v%d", root, version)
+
+
+def _next_version(root: str) -> int:
+    return (max(versions(root), default=0)) + 1
+
+
+def _write_background(root: str, version: int, bg: np.ndarray, cfg: IndexConfig) -> dict[str, Any]:
+    buf = io.BytesIO()
+    np.save(buf, bg.astype(np.float32), allow_pickle=False)
+    data = buf.getvalue()
+    rel = f"v{version}/{BACKGROUND}"
+    rio.write_bytes(rio.join(root, *rel.split("/")), data)
+    return {"file": rel, "sha256": _sha(data), "count": int(len(bg)), "source": cfg.background,
+            "beta": cfg.beta, "n": cfg.background_n}  # fmt: skip
+
+
+def _build_shards(
+    root: str,
+    version: int,
+    trained: bytes,
+    groups: list[list[PartRef]],
+    prefix: str,
+    first: int,
+    exclude: np.ndarray,
+    background: np.ndarray | None,
+    fingerprint: str,
+    cpus: float,
+) -> list[dict[str, Any]]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    trained_ref = ray.put(trained)  # one copy in the object store, not one per task
+    exclude_ref = ray.put(exclude)
+    calls = [
+        {"trained": trained_ref, "root": root, "rel_base": f"v{version}/{prefix}-{first + i:03d}",
+         "parts": group, "exclude": exclude_ref, "background": background,
+         "fingerprint": fingerprint, "threads": max(1, int(cpus))}
+        for i, group in enumerate(groups)
+    ]  # fmt: skip
+    results = _ray_map(build_shard, calls, cpus)
+    _crash_point("after-shards")
+    return results
+
+
+def build_index(cfg: IndexConfig) -> dict[str, Any]:
+    """Build a new version of the index at `cfg.out` from the run at `cfg.embeddings` and
+    publish it. Returns its manifest. The published version stays untouched until the new one
+    is complete and verified."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    source, parts = _describe_source(cfg.embeddings, 0, 0)
+    n, dim, fingerprint = int(source["embedded"]), int(source["dim"]), source["fingerprint"]
+    if n == 0:
+        raise IndexStoreError(f"{cfg.embeddings}: no embedded rows to index")
+    if cfg.factory:
+        choice = FactoryChoice(cfg.factory, None, float("nan"), "given with --factory")
+        nlist = _nlist_of(cfg.factory)
+        if nlist:
+            choice = FactoryChoice(cfg.factory, default_nprobe(nlist), float("nan"),
+                                   "given with --factory")  # fmt: skip
+    else:
+        choice = choose_factory(n, dim, cfg.memory_budget)
+    nprobe = cfg.nprobe or choice.nprobe
+    log.info("factory %s: %s", choice.factory, choice.reason)
+    gpu = _use_gpu(cfg)
+    nlist = _nlist_of(choice.factory)
+    sample_size = cfg.train_sample or max(32 * (nlist or 0), 20_000)
+    t_sample = time.perf_counter()
+    empty = _empty_index(choice.factory, dim)
+    if empty.is_trained:
+        sample = np.zeros((0, dim), np.float32)
+    else:
+        plan = _sample_plan(parts, sample_size, cfg.seed)
+        chunks = _ray_map(sample_rows, [{"picks": p} for p in plan], min(cfg.task_cpus, 0.5))
+        sample = np.concatenate(chunks).astype(np.float32)
+    sample_seconds = time.perf_counter() - t_sample
+    trained_index, train_seconds = _train(choice.factory, dim, sample, gpu,
+                                          max(1, int(cfg.task_cpus * 2)))  # fmt: skip
+    trained = _serialize(trained_index)
+    del trained_index
+    version = _next_version(cfg.out)
+    rio.write_bytes(rio.join(cfg.out, f"v{version}", TRAINED), trained)
+    background = _load_background(cfg, fingerprint)
+    want = cfg.shards or max(1, math.ceil(n / SHARD_TARGET))
+    groups = plan_groups(parts, want)
+    if len(groups) < want:
+        log.warning("%d shards asked for, the run has %d parts: building %d", want, len(parts),
+                    len(groups))  # fmt: skip
+    t_add = time.perf_counter()
+    none = np.zeros(0, np.int64)
+    results = _build_shards(cfg.out, version, trained, groups, "shard", 0, none, background,
+                            fingerprint, cfg.task_cpus)  # fmt: skip
+    add_seconds = time.perf_counter() - t_add
+    stats = _background_stats(results)
+    _verify(cfg.out, results)
+    total = sum(r["ntotal"] for r in results)
+    if total != n:
+        raise IndexStoreError(f"shards hold {total} vectors, the run has {n}; not publishing")
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "version": version,
+        "parent": None,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "factory": choice.factory,
+        "factory_reason": choice.reason,
+        "dim": dim,
+        "metric": "inner_product",
+        "fingerprint": fingerprint,
+        "model": source["model"],
+        "exact_scores": choice.factory == "Flat" or "RFlat" in choice.factory
+        or "Refine(Flat)" in choice.factory,
+        "search": {"nprobe": nprobe, "k_factor": cfg.k_factor},
+        "trained": {"file": f"v{version}/{TRAINED}", "sha256": _sha(trained),
+                    "train_rows": int(len(sample)), "seed": cfg.seed},
+        "sources": [source],
+        "next_id": int(source["max_id"]) + 1,
+        "shards": results,
+        "ntotal": total,
+        "tombstones": None,
+        "background": (_write_background(cfg.out, version, background, cfg)
+                       if background is not None else None),
+        "background_stats": stats,
+        "build": {"seconds": round(time.perf_counter() - t0, 3),
+                  "sample_seconds": round(sample_seconds, 3),
+                  "train_seconds": round(train_seconds, 3),
+                  "add_seconds": round(add_seconds, 3), "gpu": gpu,
+                  "task_cpus": cfg.task_cpus},
+    }  # fmt: skip
+    _crash_point("before-manifest")
+    _publish(cfg.out, manifest, parent=None)
+    return manifest
+
+
+# ---- updates -------------------------------------------------------------------------------
+
+
+def _child(root: str) -> tuple[dict[str, Any], int]:
+    parent = read_manifest(root)
+    child = json.loads(json.dumps(parent))
+    version = _next_version(root)
+    child.update(version=version, parent=parent["version"],
+                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
+    return child, version
+
+
+def _read_tombstones(root: str, manifest: dict[str, Any]) -> np.ndarray:
+    entry = manifest.get("tombstones")
+    if not entry:
+        return np.zeros(0, np.int64)
+    data = _read_checked(root, entry["file"], entry["sha256"])
+    return np.sort(pq.read_table(io.BytesIO(data)).column("id").to_numpy().astype(np.int64))
+
+
+def add_references(root: str, embeddings: str, cpus: float = 1.0) -> dict[str, Any]:
+    """Add the references of another embedding run as a delta shard, without touching the base.
+
+    Their ids are shifted past every id in the index (`next_id`), so two runs never collide; the
+    shift is recorded in the manifest's `sources`. The same trained codec is used, so nothing is
+    retrained; `compact` later folds the delta into the base shards."""
+    child, version = _child(root)
+    source, parts = _describe_source(embeddings, int(child["next_id"]), len(child["sources"]))
+    check_fingerprint(child["fingerprint"], source["fingerprint"], f"index {root}")
+    if any(s["uri"] == source["uri"] for s in child["sources"]):
+        raise IndexStoreError(f"{embeddings} is already in the index {root}; refusing to add twice")
+    if not parts:
+        raise IndexStoreError(f"{embeddings}: no embedded rows to add")
+    trained = _read_checked(root, child["trained"]["file"], child["trained"]["sha256"])
+    first = sum(1 for s in child["shards"] if s["name"].startswith("delta-"))
+    results = _build_shards(root, version, trained, [parts], "delta", first, np.zeros(0, np.int64),
+                            None, child["fingerprint"], cpus)  # fmt: skip
+    for r in results:
+        r.pop("_bg_top1", None)
+    _verify(root, results)
+    child["shards"] += results
+    child["sources"].append(source)
+    child["next_id"] = int(source["max_id"]) + 1
+    child["ntotal"] = int(child["ntotal"]) + sum(r["ntotal"] for r in results)
+    _publish(root, child, parent=child["parent"])
+    return child
+
+
+def _held_ids(root: str, manifest: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+    ids, uris = [], []
+    for s in manifest["shards"]:
+        t = pq.read_table(io.BytesIO(_read_checked(root, s["refs"], s["refs_sha256"])))
+        ids.append(t.column("id").to_numpy().astype(np.int64))
+        uris += t.column("uri").to_pylist()
+    return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), uris
+
+
+def remove_references(root: str, targets: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Tombstone references, given as ids or URIs; searches skip them from the new version on.
+
+    Returns the new manifest and counts: `removed` (newly tombstoned), `already` (removed
+    before), `unknown` (not in the index: reported, nothing else happens)."""
+    child, version = _child(root)
+    held_ids, held_uris = _held_ids(root, child)
+    by_uri = dict(zip(held_uris, held_ids.tolist(), strict=True))
+    wanted: set[int] = set()
+    unknown = 0
+    held = set(held_ids.tolist())
+    for t in targets:
+        t = t.strip()
+        if not t:
+            continue
+        i = int(t) if re.fullmatch(r"-?\d+", t) else by_uri.get(t)
+        if i is None or i not in held:
+            unknown += 1
+        else:
+            wanted.add(i)
+    old = _read_tombstones(root, child)
+    already = len(wanted & set(old.tolist()))
+    dead = np.union1d(old, np.fromiter(wanted, np.int64, len(wanted)))
+    counts = {"removed": len(wanted) - already, "already": already, "unknown": unknown}
+    if counts["removed"] == 0:
+        return read_manifest(root), counts
+    rel = f"v{version}/{TOMBSTONES}"
+    size, sha = _write_parquet(rio.join(root, *rel.split("/")), pa.table({"id": pa.array(dead)}))
+    child["tombstones"] = {"file": rel, "sha256": sha, "count": int(len(dead))}
+    _publish(root, child, parent=child["parent"])
+    return child, counts
+
+
+def compact(root: str, shards: int | None = None, cpus: float = 1.0) -> dict[str, Any]:
+    """Fold delta shards and tombstones into freshly written base shards (same trained codec,
+    no retraining), re-reading the embedding runs the index was built from."""
+    child, version = _child(root)
+    parts: list[PartRef] = []
+    for position, entry in enumerate(child["sources"]):
+        parts += [
+            PartRef(position, r.uri, r.part, r.rows, r.offset)
+            for r in _check_source_unchanged(entry)
+        ]
+    dead = _read_tombstones(root, child)
+    trained = _read_checked(root, child["trained"]["file"], child["trained"]["sha256"])
+    base = [s for s in child["shards"] if not s["name"].startswith("delta-")]
+    groups = plan_groups(parts, shards or max(1, len(base)))
+    bg = None
+    if child.get("background"):
+        b = child["background"]
+        bg = np.load(io.BytesIO(_read_checked(root, b["file"], b["sha256"])), allow_pickle=False)
+    results = _build_shards(root, version, trained, groups, "shard", 0, dead, bg,
+                            child["fingerprint"], cpus)  # fmt: skip
+    stats = _background_stats(results)
+    _verify(root, results)
+    total = sum(r["ntotal"] for r in results)
+    expected = int(child["ntotal"]) - int(len(dead))
+    if total != expected:
+        raise IndexStoreError(f"compaction holds {total} vectors, expected {expected}")
+    child.update(shards=results, ntotal=total, tombstones=None,
+                 background_stats=stats or child.get("background_stats"))  # fmt: skip
+    _publish(root, child, parent=child["parent"])
+    return child
+
+
+# ---- readers -------------------------------------------------------------------------------
+
+
+def load_shard(root: str, manifest: dict[str, Any], entry: dict[str, Any],
+               tombstones: np.ndarray | None = None) -> Shard:  # fmt: skip
+    """One shard of `manifest`, hash-checked, with its search parameters and tombstones."""
+    index = _deserialize(_read_checked(root, entry["file"], entry["sha256"]))
+    if index.d != int(manifest["dim"]):
+        raise IndexStoreError(f"{root}/{entry['file']} is {index.d}-d, the manifest says "
+                              f"{manifest['dim']}")  # fmt: skip
+    tune(index, manifest["search"].get("nprobe"), manifest["search"].get("k_factor"))
+    refs = pq.read_table(io.BytesIO(_read_checked(root, entry["refs"], entry["refs_sha256"])))
+    ids = refs.column("id").to_numpy().astype(np.int64)
+    dead = tombstones if tombstones is not None else _read_tombstones(root, manifest)
+    mine = dead[np.isin(dead, ids)] if len(dead) else dead
+    return Shard(entry["name"], index, ids, refs.column("uri").to_pylist(), np.sort(mine))
+
+
+def load_normalizer(root: str, manifest: dict[str, Any]) -> ScoreNormalizer | None:
+    b = manifest.get("background")
+    if not b:
+        return None
+    bg = np.load(io.BytesIO(_read_checked(root, b["file"], b["sha256"])), allow_pickle=False)
+    return ScoreNormalizer(bg, beta=float(b.get("beta", 1.0)), n=int(b.get("n", 3)))
+
+
+def load_index(
+    root: str, version: int | None = None, shards: list[str] | None = None, threads: int = 4
+) -> ShardedIndex:
+    """The published version of the index at `root` (or `version`), every shard or only those
+    named in `shards` (a searcher replica holds a subset), ready to search."""
+    manifest = read_manifest(root, version)
+    entries = [s for s in manifest["shards"] if shards is None or s["name"] in shards]
+    if shards is not None and len(entries) != len(set(shards)):
+        known = [s["name"] for s in manifest["shards"]]
+        raise IndexStoreError(f"{root} v{manifest['version']} has shards {known}, not {shards}")
+    dead = _read_tombstones(root, manifest)
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(entries)))) as pool:
+        loaded = list(pool.map(lambda e: load_shard(root, manifest, e, dead), entries))
+    info = {k: manifest[k] for k in ("factory", "ntotal", "model", "exact_scores", "search")}
+    info["tombstones"] = int(len(dead))
+    return ShardedIndex(loaded, manifest["fingerprint"], int(manifest["version"]),
+                        int(manifest["dim"]), load_normalizer(root, manifest), info)  # fmt: skip
+
+
+def summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a person wants to know about a version (the CLI prints it, Serve returns it)."""
+    return {
+        "version": manifest["version"],
+        "factory": manifest["factory"],
+        "dim": manifest["dim"],
+        "model": manifest["model"],
+        "fingerprint": manifest["fingerprint"],
+        "ntotal": manifest["ntotal"],
+        "shards": [s["name"] for s in manifest["shards"]],
+        "tombstones": (manifest.get("tombstones") or {}).get("count", 0),
+        "exact_scores": manifest["exact_scores"],
+        "search": manifest["search"],
+    }
+
+
+__all__ = [
+    "IndexConfig",
+    "IndexStoreError",
+    "FactoryChoice",
+    "add_references",
+    "build_index",
+    "choose_factory",
+    "compact",
+    "current_version",
+    "load_index",
+    "read_manifest",
+    "remove_references",
+]
