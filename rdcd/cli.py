@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -251,6 +252,61 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    # Defaults live in rdcd.serve.ServeConfig (not imported here: it pulls in Ray and FastAPI).
+    p.add_argument("--index", required=True, help="index root (`rdcd index --out`): path or s3://")
+    p.add_argument("--model", help="`default` (the shipped student), `sscd` or a checkpoint")
+    p.add_argument("--teacher", help="teacher file when --model sscd")
+    p.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 for every address)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--route-prefix", help="URL prefix of the routes (default /)")
+    p.add_argument("--k", type=int, help="matches returned when a request does not say (10)")
+    p.add_argument("--threshold", type=float, help="score from which a match is a copy")
+    p.add_argument("--max-batch-size", type=int, help="images per model call (16; 1 = none)")
+    p.add_argument("--batch-wait-ms", type=float, help="how long a batch waits to fill (5)")
+    p.add_argument("--max-upload-mb", type=float, help="largest image accepted (16)")
+    p.add_argument("--poll-interval", type=float, help="seconds between checks of CURRENT (5)")
+    p.add_argument("--searchers", type=int, help="searcher deployments (one per shard, <= 4)")
+    p.add_argument("--embedder-replicas", type=int, help="embedder replicas (1)")
+    p.add_argument("--embedder-cpus", type=float, help="CPUs per embedder replica (1)")
+    p.add_argument("--embedder-gpus", type=float, help="GPUs per embedder (1 when there are any)")
+    p.add_argument("--token-env", help="variable holding the bearer token (RDCD_SERVE_TOKEN)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rdcd.serve import ServeConfig, serve_forever
+
+    given = {
+        "index": args.index,
+        "model": args.model,
+        "teacher": args.teacher,
+        "host": args.host,
+        "port": args.port,
+        "route_prefix": args.route_prefix,
+        "k": args.k,
+        "threshold": args.threshold,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
+        "max_upload_bytes": None if args.max_upload_mb is None else int(args.max_upload_mb * 2**20),
+        "poll_interval_s": args.poll_interval,
+        "searchers": args.searchers,
+        "embedder_replicas": args.embedder_replicas,
+        "embedder_cpus": args.embedder_cpus,
+        "embedder_gpus": args.embedder_gpus,
+        "token_env": args.token_env,
+    }
+    cfg = ServeConfig.from_dict({k: v for k, v in given.items() if v is not None})
+    auth = f"bearer token from ${cfg.token_env}" if os.environ.get(cfg.token_env) else "no auth"
+    print(f"serving {cfg.index} with model {cfg.model} ({auth}); starting Ray Serve ...")
+
+    def ready(url: str) -> None:
+        print(f"ready: POST {url}/v1/match, GET {url}/v1/health, GET {url}/v1/index", flush=True)
+
+    serve_forever(cfg, on_ready=ready)
+    print("stopped: Serve shut down")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {
     "demo": ("end to end on a bundled photo set", add_demo_args, cmd_demo),
     "evaluate": (
@@ -260,6 +316,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     ),
     "embed": ("bulk embedding into Parquet shards (Ray Data)", add_embed_args, cmd_embed),
     "train": ("RDCD distillation of a compact student (Ray Train)", add_train_args, cmd_train),
+    "serve": ("the copy-detection HTTP endpoint (Ray Serve)", add_serve_args, cmd_serve),
 }
 
 

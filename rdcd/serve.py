@@ -1,0 +1,819 @@
+"""The Ray Serve application: "is this image a copy of something we hold, and of what?"
+
+Three kinds of deployment, composed through deployment handles:
+
+    Ingress     FastAPI over HTTP: reads and bounds the upload, checks the bearer token, fans a
+                query out to the searchers, merges their top-k, score-normalises (the same
+                `ShardedIndex.finish` that offline matching uses) and applies the threshold.
+    Embedder    `@serve.batch`: decodes untrusted bytes with `rdcd.decode` and runs the model on
+                a batch of images at once (on a GPU when the cluster has one).
+    Searcher<g> holds group g of the index shards (shard i belongs to group i mod G), so an
+                index larger than one machine's memory is served by G deployments side by side.
+
+Following `CURRENT`: the ingress polls the index root every `poll_interval_s`. When a new
+version is published it checks the version's model fingerprint against the embedder's model
+(a mismatch is refused, logged and reported by `GET /v1/index`, and the old version stays), asks
+every searcher to load its shards of the new version next to the old one, and only then switches,
+so a query never mixes versions and a restart is never needed. A searcher that does not answer
+within `shard_timeout_s` is left out and its shards are named in `missing_shards`.
+
+Bad input is a 4xx with `{"error": reason}`, overload a 503 (Serve's `max_queued_requests` on the
+ingress, the embedder's queue behind it), never an unbounded queue.
+
+`app_builder` is the one import path: `serve run rdcd.serve:app_builder index=... model=...`
+(or `jobs.serve:app_builder`), `serve deploy cluster/serve.yaml`, and `rdcd serve` all call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import math
+import os
+import signal
+import threading
+import time
+import typing
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, RayServeException
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+
+from rdcd import index as rindex
+from rdcd.decode import DEFAULT_MAX_PIXELS, DecodeConfig, DecodeError, load_for_model
+from rdcd.search import (
+    FingerprintMismatchError,
+    ShardedIndex,
+    check_fingerprint,
+    merge_topk,
+)
+
+log = logging.getLogger(__name__)
+
+# Thresholds of the shipped default student on the shared photo set: edited copies of a reference
+# scored >= 0.35 raw (>= 0.18 score-normalised), unrelated photos <= 0.26 raw (<= 0.12
+# normalised). Another model needs its own: `rdcd evaluate` reports `threshold_at_p90(_sn)`.
+DEFAULT_THRESHOLD = 0.3
+DEFAULT_THRESHOLD_NORMALISED = 0.15
+MAX_SEARCHERS = 4  # default number of searcher deployments: one per shard, at most this many
+APP_NAME = "rdcd"
+
+
+class ServeError(ValueError):
+    """A request that cannot be answered; `status` is the HTTP status, `reason` says why."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass
+class ServeConfig:
+    """Everything `rdcd serve`, `serve run` and a Serve config file can set. The defaults serve
+    the shipped student on one machine; `index` is the only field without one that runs."""
+
+    index: str = ""  # the index root (`rdcd index --out`): local path or s3:// URI
+    model: str = "default"  # M: `default`, `sscd` or a student checkpoint path/URI
+    teacher: str | None = None  # teacher file when model is `sscd`
+    name: str = APP_NAME  # Serve application name
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"  # HTTP (rdcd serve only; a config file sets http_options itself)
+    port: int = 8000
+    # matching
+    k: int = 10  # matches returned when the request does not say
+    max_k: int = 100
+    threshold: float | None = None  # None: DEFAULT_THRESHOLD(_NORMALISED) by the index
+    # batching (embedder)
+    max_batch_size: int = 16  # 1 turns batching off
+    batch_wait_timeout_s: float = 0.005
+    # input limits
+    max_upload_bytes: int = 16 * 1024 * 1024  # one image (and the body of /v1/match)
+    max_batch_images: int = 32  # images in one /v1/match/batch request
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit
+    # following CURRENT, and the shard fan-out
+    poll_interval_s: float = 5.0
+    shard_timeout_s: float = 5.0  # a searcher slower than this is reported in missing_shards
+    embed_timeout_s: float = 30.0  # an embedding slower than this is a 503
+    searchers: int | None = None  # searcher deployments; None: one per shard, at most 4
+    # overload: beyond these, requests get 503 instead of waiting in an unbounded queue
+    max_ongoing_requests: int = 64  # per ingress replica
+    max_queued_requests: int = 128  # per ingress deployment (then the proxy answers 503)
+    embed_queue: int = 256  # images queued at the embedder (then the ingress answers 503)
+    # resources (fractions of a CPU are fine: the ingress and searchers mostly wait)
+    ingress_replicas: int = 1
+    ingress_cpus: float = 0.25
+    embedder_replicas: int = 1
+    embedder_cpus: float = 1.0
+    embedder_gpus: float | None = None  # None: one GPU per replica when the cluster has GPUs
+    embed_threads: int = 0  # torch intra-op threads; 0 = max(1, embedder_cpus)
+    searcher_cpus: float = 0.25
+    # auth: when this environment variable is set (on the ingress), every route but health
+    # wants `Authorization: Bearer <its value>`
+    token_env: str = "RDCD_SERVE_TOKEN"
+
+    def validate(self) -> None:
+        if not self.index:
+            raise ValueError("serving needs --index (an index root built with `rdcd index`)")
+        if not 1 <= self.k <= self.max_k:
+            raise ValueError(f"k must be in 1..max_k={self.max_k}, got {self.k}")
+        if self.max_batch_size < 1 or self.max_batch_images < 1:
+            raise ValueError("max_batch_size and max_batch_images must be >= 1")
+        if self.max_upload_bytes < 1:
+            raise ValueError(f"max_upload_bytes must be positive, got {self.max_upload_bytes}")
+        if self.searchers is not None and self.searchers < 1:
+            raise ValueError(f"searchers must be >= 1, got {self.searchers}")
+        if self.poll_interval_s <= 0 or self.shard_timeout_s <= 0:
+            raise ValueError("poll_interval_s and shard_timeout_s must be positive")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ServeConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown serve settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+# Settings the ingress and embedder take as `user_config`: a config file can change them on a
+# running application (Serve calls `reconfigure`), no restart.
+INGRESS_SETTINGS = (
+    "k",
+    "max_k",
+    "threshold",
+    "max_upload_bytes",
+    "max_batch_images",
+    "poll_interval_s",
+    "shard_timeout_s",
+    "embed_timeout_s",
+    "token_env",
+)
+EMBEDDER_SETTINGS = ("max_batch_size", "batch_wait_timeout_s")
+
+
+def _pydantic_args() -> type[pydantic.BaseModel]:
+    """ServeConfig as a pydantic model: what Serve validates a builder's `args` against."""
+    hints = typing.get_type_hints(ServeConfig)
+    spec = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(ServeConfig)}
+    return pydantic.create_model(
+        "ServeArgs", __config__=pydantic.ConfigDict(extra="forbid"), **spec
+    )
+
+
+ServeArgs = _pydantic_args()
+
+
+def shard_groups(names: list[str], groups: int) -> list[list[str]]:
+    """Shard i goes to searcher i mod `groups`, so every version spreads over every searcher."""
+    return [names[g::groups] for g in range(groups)]
+
+
+def decode_status(reason: str) -> int:
+    """The HTTP status of a `DecodeError` reason: 413 too large, 415 not an image, 400 empty,
+    422 an image that cannot be decoded (truncated, corrupt)."""
+    text = reason.lower()
+    if "bomb" in text or "exceeds" in text:
+        return 413
+    if "not an image" in text:
+        return 415
+    if "zero-byte" in text:
+        return 400
+    return 422
+
+
+# ---- deployments ---------------------------------------------------------------------------
+
+
+@serve.deployment(name="Embedder")
+class Embedder:
+    """Decodes untrusted bytes and embeds a batch of images per model call."""
+
+    def __init__(
+        self,
+        model: str,
+        teacher: str | None,
+        index: str,
+        max_pixels: int,
+        max_bytes: int,
+        threads: int,
+    ) -> None:
+        import torch
+
+        from rdcd.models.resolve import load_model
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.model = load_model(model, teacher=teacher)
+        self.decode_config = DecodeConfig(max_pixels=max_pixels, max_bytes=max_bytes)
+        # Refuse at load: an index of another model would answer every query with noise.
+        manifest = rindex.read_manifest(index)
+        check_fingerprint(
+            manifest["fingerprint"], self.model.fingerprint, f"index {index} v{manifest['version']}"
+        )
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rdcd-decode")
+        log.info("embedder ready: %s", self.model.describe())
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        if "max_batch_size" in config:
+            self.embed.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            self.embed.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    def describe(self) -> dict[str, Any]:
+        return self.model.describe()
+
+    def _decode(self, data: bytes) -> np.ndarray | str:
+        try:
+            return load_for_model(data, self.model.image_size, self.decode_config)
+        except DecodeError as exc:
+            return exc.reason
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def embed(self, images: list[bytes]) -> list[dict[str, Any]]:
+        """Per image: `{"vector": float32 (dim,)}` or `{"error": reason, "status": 4xx}`; one bad
+        image never fails the others of its batch."""
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(self._pool, self._decode, b) for b in images)
+        )
+        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+        out: list[dict[str, Any]] = [{} for _ in images]
+        for i, d in enumerate(decoded):
+            if isinstance(d, str):
+                out[i] = {"error": d, "status": decode_status(d)}
+        if good:
+            batch = np.stack([decoded[i] for i in good])
+            vectors = await loop.run_in_executor(self._pool, self.model.embed, batch)
+            for j, i in enumerate(good):
+                out[i] = {"vector": vectors[j], "fingerprint": self.model.fingerprint}
+        return out
+
+
+@serve.deployment(name="Searcher")
+class Searcher:
+    """Holds group `group` of `groups` of the shards of the versions the ingress asks for (the
+    newest two, so queries in flight during a switch still find theirs)."""
+
+    KEEP = 2
+
+    def __init__(self, index: str, group: int, groups: int, threads: int = 1) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, threads))
+        self.root, self.group, self.groups = index, group, groups
+        self._loaded: dict[int, ShardedIndex] = {}
+        self._lock = threading.Lock()
+        version = rindex.current_version(index)
+        if version is not None:
+            self._load(version)
+
+    def _load(self, version: int) -> ShardedIndex:
+        with self._lock:
+            if version in self._loaded:
+                return self._loaded[version]
+            manifest = rindex.read_manifest(self.root, version)
+            names = [s["name"] for s in manifest["shards"]]
+            mine = shard_groups(names, self.groups)[self.group]
+            if mine:
+                idx = rindex.load_index(self.root, version, shards=mine)
+            else:
+                idx = ShardedIndex([], manifest["fingerprint"], version, int(manifest["dim"]))
+            self._loaded[version] = idx
+            for old in sorted(self._loaded)[: -self.KEEP]:
+                del self._loaded[old]
+            log.info("searcher %d/%d: v%d shards %s", self.group, self.groups, version, mine)
+            return idx
+
+    async def _get(self, version: int) -> ShardedIndex:
+        idx = self._loaded.get(version)
+        return idx if idx is not None else await asyncio.to_thread(self._load, version)
+
+    async def prepare(self, version: int) -> list[str]:
+        """Load this searcher's shards of `version` (off the event loop: searches go on)."""
+        return [s.name for s in (await self._get(version)).shards]
+
+    async def search(
+        self, queries: np.ndarray, k: int, version: int, fingerprint: str
+    ) -> dict[str, Any]:
+        """This group's merged top-k (raw scores) and the URIs of the ids it returns."""
+        idx = await self._get(version)
+        check_fingerprint(idx.fingerprint, fingerprint, f"{self.root} v{version}")
+        n = len(queries)
+        raw, ids = merge_topk([s.search(queries, k) for s in idx.shards], k, n)
+        flat = ids.reshape(-1)
+        uris = {int(i): u for i, u in zip(flat.tolist(), idx.uris_of(flat), strict=True) if i >= 0}
+        return {"scores": raw, "ids": ids, "uris": uris, "shards": [s.name for s in idx.shards]}
+
+
+# ---- ingress --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Version:
+    """What the ingress needs of one index version; replaced as a whole when CURRENT moves."""
+
+    version: int
+    manifest: dict[str, Any]
+    finisher: ShardedIndex  # no shards: score normalisation of merged results (`finish`)
+    groups: list[list[str]]
+
+
+def _error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+api = FastAPI(title="rdcd copy detection", version="1")
+
+
+@api.exception_handler(ServeError)
+async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
+    return _error(exc.status, exc.reason)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+    return _error(422, "invalid request: " + "; ".join(parts))
+
+
+def _parse_k(value: str | None, default: int, max_k: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        k = int(value)
+    except ValueError:
+        raise ServeError(400, f"k must be an integer, got {value[:20]!r}") from None
+    if not 1 <= k <= max_k:
+        raise ServeError(400, f"k must be in 1..{max_k}, got {k}")
+    return k
+
+
+def _parse_threshold(value: str | None, default: float | None) -> float | None:
+    if value is None or value == "":
+        return default
+    try:
+        t = float(value)
+    except ValueError:
+        raise ServeError(400, f"threshold must be a number, got {value[:20]!r}") from None
+    if not math.isfinite(t):
+        raise ServeError(400, f"threshold must be finite, got {value[:20]!r}")
+    return t
+
+
+def _replay(body: bytes) -> Callable[[], Any]:
+    """An ASGI `receive` that hands out `body` once (starlette then parses it as a form)."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    """HTTP in front of the embedder and the searchers."""
+
+    def __init__(
+        self,
+        index: str,
+        embedder: DeploymentHandle,
+        searchers: list[DeploymentHandle],
+        settings: dict[str, Any],
+    ) -> None:
+        self.root = index
+        self.embedder = embedder
+        self.searchers = searchers
+        self.settings = {k: getattr(ServeConfig, k) for k in INGRESS_SETTINGS}
+        self.settings.update(settings)
+        self.model: dict[str, Any] | None = None
+        self.rejected: dict[int, str] = {}
+        self._failures: dict[int, int] = {}
+        self._poller: asyncio.Task | None = None
+        self._refresh_lock = asyncio.Lock()
+        self.current = self._read_version(rindex.current_version(index))
+        try:
+            self._ensure_poller()
+        except RuntimeError:  # no running loop here: the first request or health check starts it
+            pass
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        unknown = sorted(set(config) - set(INGRESS_SETTINGS))
+        if unknown:
+            log.warning("ignoring unknown ingress settings %s", unknown)
+        self.settings.update({k: v for k, v in config.items() if k in INGRESS_SETTINGS})
+
+    # -- following CURRENT --
+
+    def _read_version(self, version: int | None) -> _Version:
+        if version is None:
+            raise rindex.IndexStoreError(f"{self.root}: nothing published (no CURRENT)")
+        manifest = rindex.read_manifest(self.root, version)
+        finisher = ShardedIndex(
+            [],
+            manifest["fingerprint"],
+            version,
+            int(manifest["dim"]),
+            rindex.load_normalizer(self.root, manifest),
+        )
+        names = [s["name"] for s in manifest["shards"]]
+        return _Version(version, manifest, finisher, shard_groups(names, len(self.searchers)))
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - a bad poll must not stop the next one
+                log.exception("checking %s for a new index version failed", self.root)
+            await asyncio.sleep(float(self.settings["poll_interval_s"]))
+
+    async def _model(self) -> dict[str, Any]:
+        if self.model is None:
+            self.model = await self.embedder.describe.remote()
+        return self.model
+
+    async def refresh(self) -> int:
+        """Switch to the version CURRENT names, if it is new and servable; returns the version
+        served afterwards. A version of another model is refused and the old one kept."""
+        async with self._refresh_lock:
+            latest = await asyncio.to_thread(rindex.current_version, self.root)
+            if latest is None or latest == self.current.version or latest in self.rejected:
+                return self.current.version
+            model = await self._model()
+            try:
+                candidate = await asyncio.to_thread(self._read_version, latest)
+                check_fingerprint(
+                    candidate.manifest["fingerprint"],
+                    model["fingerprint"],
+                    f"index {self.root} v{latest}",
+                )
+                await asyncio.gather(*(s.prepare.remote(latest) for s in self.searchers))
+            except FingerprintMismatchError as exc:
+                self.rejected[latest] = str(exc)
+                log.error("refusing index v%d: %s", latest, exc)
+                return self.current.version
+            except Exception as exc:  # noqa: BLE001 - keep serving the old version
+                self._failures[latest] = self._failures.get(latest, 0) + 1
+                if self._failures[latest] >= 3:
+                    self.rejected[latest] = f"failed to load 3 times: {exc}"
+                log.warning(
+                    "could not load index v%d (keeping v%d): %s", latest, self.current.version, exc
+                )
+                return self.current.version
+            log.info("serving index v%d (was v%d)", latest, self.current.version)
+            self.current = candidate
+            return latest
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check also restarts the poller if it ever stopped."""
+        self._ensure_poller()
+
+    # -- request plumbing --
+
+    def _authorize(self, request: Request) -> None:
+        token = os.environ.get(str(self.settings["token_env"]))
+        if not token:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            raise ServeError(401, "missing or invalid bearer token")
+
+    async def _read_body(self, request: Request, limit: int) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                raise ServeError(400, f"invalid Content-Length {length[:20]!r}") from None
+            if declared > limit:
+                raise ServeError(413, f"upload of {declared} bytes exceeds the {limit}-byte limit")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ServeError(413, f"upload exceeds the {limit}-byte limit")
+        return bytes(body)
+
+    async def _images(self, request: Request, many: bool) -> list[bytes]:
+        """The uploaded images: every file part of a multipart form, else the raw body."""
+        per_image = int(self.settings["max_upload_bytes"])
+        count = int(self.settings["max_batch_images"]) if many else 1
+        body = await self._read_body(request, per_image * count + (64 * 1024 if many else 0))
+        ctype = request.headers.get("content-type", "").lower()
+        if not ctype.startswith("multipart/form-data"):
+            if many:
+                raise ServeError(415, "a batch is a multipart/form-data upload of image files")
+            if not body:
+                raise ServeError(400, "empty body: send the image bytes or a multipart upload")
+            return [body]
+        form_request = Request(request.scope, receive=_replay(body))
+        try:
+            form = await form_request.form(max_files=count + 1, max_fields=count + 16)
+        except Exception as exc:  # noqa: BLE001 - starlette raises several kinds
+            raise ServeError(400, f"malformed multipart upload: {exc}") from None
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise ServeError(400, "multipart upload without a file part")
+        if len(files) > count:
+            raise ServeError(413, f"{len(files)} images in one request, the limit is {count}")
+        out = []
+        for f in files:
+            data = await f.read()
+            if len(data) > per_image:
+                raise ServeError(
+                    413,
+                    f"image {f.filename!r} of {len(data)} bytes exceeds the {per_image}-byte limit",
+                )
+            out.append(data)
+        return out
+
+    async def _embed(self, data: bytes) -> dict[str, Any]:
+        if not data:
+            return {"error": "empty image", "status": 400}
+        try:
+            response = self.embedder.embed.remote(data)
+            return await asyncio.wait_for(response, float(self.settings["embed_timeout_s"]))
+        except BackPressureError:
+            raise ServeError(503, "overloaded: the embedder's queue is full, retry later") from None
+        except asyncio.TimeoutError:
+            raise ServeError(503, "overloaded: embedding took too long, retry later") from None
+        except RayServeException as exc:
+            raise ServeError(503, f"embedder unavailable: {exc}") from None
+
+    async def _search(
+        self, version: _Version, queries: np.ndarray, k: int, fingerprint: str
+    ) -> tuple[np.ndarray, np.ndarray, dict, list[str]]:
+        timeout = float(self.settings["shard_timeout_s"])
+
+        async def ask(g: int) -> dict[str, Any]:
+            call = self.searchers[g].search.remote(queries, k, version.version, fingerprint)
+            try:
+                return await asyncio.wait_for(call, timeout)
+            except asyncio.TimeoutError:
+                call.cancel()
+                raise
+
+        live = [g for g, names in enumerate(version.groups) if names]
+        answers = await asyncio.gather(*(ask(g) for g in live), return_exceptions=True)
+        parts, uris, missing = [], {}, []
+        for g, answer in zip(live, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.warning(
+                    "searcher %d (shards %s) did not answer: %r", g, version.groups[g], answer
+                )
+                missing.extend(version.groups[g])
+                continue
+            parts.append((answer["scores"], answer["ids"]))
+            uris.update(answer["uris"])
+        if live and not parts:
+            raise ServeError(503, "no index shard answered in time, retry later")
+        raw, ids = merge_topk(parts, k, len(queries))
+        return raw, ids, uris, missing
+
+    async def _match(
+        self, images: list[bytes], k: int, threshold: float | None, single: bool
+    ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self._ensure_poller()
+        version = self.current
+        embedded = await asyncio.gather(*(self._embed(b) for b in images))
+        if single and "error" in embedded[0]:
+            raise ServeError(int(embedded[0]["status"]), str(embedded[0]["error"]))
+        good = [i for i, e in enumerate(embedded) if "vector" in e]
+        fingerprint = embedded[good[0]]["fingerprint"] if good else ""
+        if threshold is None:
+            threshold = self._default_threshold(version)
+        results: list[dict[str, Any]] = [
+            {"error": e["error"], "status": e["status"]} if "error" in e else {} for e in embedded
+        ]
+        missing: list[str] = []
+        if good:
+            queries = np.stack([embedded[i]["vector"] for i in good]).astype(np.float32)
+            raw, ids, uris, missing = await self._search(version, queries, k, fingerprint)
+            found = version.finisher.finish(queries, raw, ids, tuple(missing))
+            for row, i in enumerate(good):
+                matches = []
+                for col in range(ids.shape[1]):
+                    rid = int(found.ids[row, col])
+                    if rid < 0:
+                        continue
+                    score = float(found.scores[row, col])
+                    matches.append(
+                        {
+                            "reference_id": rid,
+                            "uri": uris.get(rid),
+                            "score": round(score, 6),
+                            "raw_score": round(float(found.raw_scores[row, col]), 6),
+                            "is_copy": score >= threshold,
+                        }
+                    )
+                results[i] = {
+                    "is_copy": bool(matches and matches[0]["is_copy"]),
+                    "matches": matches,
+                }
+        head = {
+            "model": fingerprint or (self.model or {}).get("fingerprint"),
+            "index_version": version.version,
+            "k": k,
+            "threshold": threshold,
+            "score_normalised": version.finisher.normalizer is not None,
+            "missing_shards": missing,
+        }
+        head["took_ms"] = round(1000 * (time.perf_counter() - t0), 2)
+        return {**head, **results[0]} if single else {**head, "results": results}
+
+    def _default_threshold(self, version: _Version) -> float:
+        if self.settings["threshold"] is not None:
+            return float(self.settings["threshold"])
+        normalised = version.finisher.normalizer is not None
+        return DEFAULT_THRESHOLD_NORMALISED if normalised else DEFAULT_THRESHOLD
+
+    # -- routes --
+
+    @api.get("/v1/health")
+    async def health(self) -> dict[str, Any]:
+        self._ensure_poller()
+        return {
+            "status": "ok",
+            "index_version": self.current.version,
+            "model": (self.model or {}).get("fingerprint"),
+        }
+
+    @api.get("/v1/index")
+    async def index_info(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        self._ensure_poller()
+        version = self.current
+        info = rindex.summary(version.manifest)
+        info.update(
+            root=self.root,
+            score_normalised=version.finisher.normalizer is not None,
+            threshold=self._default_threshold(version),
+            searchers=[{"searcher": g, "shards": names} for g, names in enumerate(version.groups)],
+            rejected_versions={str(v): why for v, why in self.rejected.items()},
+            poll_interval_s=self.settings["poll_interval_s"],
+        )
+        return info
+
+    @api.post("/v1/match")
+    async def match(self, request: Request) -> dict[str, Any]:
+        """One image (raw bytes or a multipart file); query parameters `k`, `threshold`."""
+        self._authorize(request)
+        k = _parse_k(
+            request.query_params.get("k"), int(self.settings["k"]), int(self.settings["max_k"])
+        )
+        threshold = _parse_threshold(request.query_params.get("threshold"), None)
+        images = await self._images(request, many=False)
+        return await self._match(images, k, threshold, single=True)
+
+    @api.post("/v1/match/batch")
+    async def match_batch(self, request: Request) -> dict[str, Any]:
+        """Several images as the file parts of one multipart upload; `results[i]` is the i-th
+        file's matches, or its own `error` and `status` when it is not a usable image."""
+        self._authorize(request)
+        k = _parse_k(
+            request.query_params.get("k"), int(self.settings["k"]), int(self.settings["max_k"])
+        )
+        threshold = _parse_threshold(request.query_params.get("threshold"), None)
+        images = await self._images(request, many=True)
+        return await self._match(images, k, threshold, single=False)
+
+
+# ---- the application builder ---------------------------------------------------------------
+
+
+def _cluster_has_gpu() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_app(cfg: ServeConfig) -> serve.Application:
+    """The application for `cfg`: one ingress, one embedder, G searchers (each a deployment
+    holding every G-th shard). Reads the published manifest to size G; refuses an index root
+    with nothing published."""
+    cfg.validate()
+    manifest = rindex.read_manifest(cfg.index)
+    n_shards = len(manifest["shards"])
+    groups = cfg.searchers or max(1, min(n_shards, MAX_SEARCHERS))
+    gpus = (
+        cfg.embedder_gpus if cfg.embedder_gpus is not None else (1.0 if _cluster_has_gpu() else 0.0)
+    )
+    threads = cfg.embed_threads or max(1, int(cfg.embedder_cpus))
+    embedder = Embedder.options(
+        num_replicas=cfg.embedder_replicas,
+        ray_actor_options={"num_cpus": cfg.embedder_cpus, "num_gpus": gpus},
+        max_ongoing_requests=max(cfg.max_batch_size * 2, 8),
+        max_queued_requests=cfg.embed_queue,
+        user_config={k: getattr(cfg, k) for k in EMBEDDER_SETTINGS},
+    ).bind(cfg.model, cfg.teacher, cfg.index, cfg.max_pixels, cfg.max_upload_bytes, threads)
+    searchers = [
+        Searcher.options(
+            name=f"Searcher{g}",
+            ray_actor_options={"num_cpus": cfg.searcher_cpus},
+            max_ongoing_requests=64,
+        ).bind(cfg.index, g, groups, max(1, int(cfg.searcher_cpus)))
+        for g in range(groups)
+    ]
+    settings = {k: getattr(cfg, k) for k in INGRESS_SETTINGS}
+    runtime_env: dict[str, Any] = {}
+    token = os.environ.get(cfg.token_env)
+    if token:  # the driver's token reaches the ingress wherever Serve places it
+        runtime_env = {"env_vars": {cfg.token_env: token}}
+    return Ingress.options(
+        num_replicas=cfg.ingress_replicas,
+        ray_actor_options={"num_cpus": cfg.ingress_cpus, "runtime_env": runtime_env},
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        user_config=settings,
+    ).bind(cfg.index, embedder, searchers, settings)
+
+
+def app_builder(args: ServeArgs) -> serve.Application:  # type: ignore[valid-type]
+    """The typed builder for `serve run MODULE:app_builder index=... model=...` and config
+    files (`import_path` + `args`); Serve validates `args` against ServeConfig's fields."""
+    values = args.model_dump() if isinstance(args, pydantic.BaseModel) else dict(args)
+    return build_app(ServeConfig.from_dict(values))
+
+
+def serve_forever(cfg: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
+    """`rdcd serve`: deploy on the Ray cluster at RAY_ADDRESS (or a local one started here) and
+    block until SIGTERM or Ctrl-C, then shut Serve down and stop the Ray instance if it was
+    started here (on a shared cluster only this application is deleted)."""
+    import ray
+
+    cfg.validate()
+    stop = threading.Event()
+    handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handlers[sig] = signal.signal(sig, lambda *_: stop.set())
+    started_ray = False
+    try:
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            started_ray = not address
+            ray.init(
+                address=address or "local",
+                include_dashboard=False if not address else None,
+                logging_level="WARNING",
+            )
+            for sig in handlers:  # ray.init installs its own; ours decide how we stop
+                signal.signal(sig, lambda *_: stop.set())
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
+        url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+        if on_ready is not None:
+            on_ready(url)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        try:
+            if started_ray:
+                serve.shutdown()
+            elif ray.is_initialized():
+                serve.delete(cfg.name)
+        finally:
+            if started_ray and ray.is_initialized():
+                ray.shutdown()
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
+
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "DEFAULT_THRESHOLD_NORMALISED",
+    "Embedder",
+    "Ingress",
+    "Searcher",
+    "ServeArgs",
+    "ServeConfig",
+    "ServeError",
+    "app_builder",
+    "build_app",
+    "decode_status",
+    "serve_forever",
+    "shard_groups",
+]
