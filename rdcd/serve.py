@@ -221,7 +221,7 @@ class Embedder:
         check_fingerprint(
             manifest["fingerprint"], self.model.fingerprint, f"index {index} v{manifest['version']}"
         )
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rdcd-decode")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdcd-embed")
         log.info("embedder ready: %s", self.model.describe())
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -243,18 +243,19 @@ class Embedder:
     async def embed(self, images: list[bytes]) -> list[dict[str, Any]]:
         """Per image: `{"vector": float32 (dim,)}` or `{"error": reason, "status": 4xx}`; one bad
         image never fails the others of its batch."""
-        loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, self._decode, b) for b in images)
-        )
-        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, images)
+
+    def _run(self, images: list[bytes]) -> list[dict[str, Any]]:
+        # One thread hop per batch: decode then embed (PIL and torch release the GIL, so the
+        # event loop keeps filling the next batch meanwhile).
+        decoded = [self._decode(b) for b in images]
         out: list[dict[str, Any]] = [{} for _ in images]
         for i, d in enumerate(decoded):
             if isinstance(d, str):
                 out[i] = {"error": d, "status": decode_status(d)}
+        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
         if good:
-            batch = np.stack([decoded[i] for i in good])
-            vectors = await loop.run_in_executor(self._pool, self.model.embed, batch)
+            vectors = self.model.embed(np.stack([decoded[i] for i in good]))
             for j, i in enumerate(good):
                 out[i] = {"vector": vectors[j], "fingerprint": self.model.fingerprint}
         return out
@@ -397,6 +398,9 @@ class Ingress:
         searchers: list[DeploymentHandle],
         settings: dict[str, Any],
     ) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # score normalisation of a few queries: threads only cost
         self.root = index
         self.embedder = embedder
         self.searchers = searchers
@@ -600,6 +604,7 @@ class Ingress:
         self._ensure_poller()
         version = self.current
         embedded = await asyncio.gather(*(self._embed(b) for b in images))
+        t_embed = time.perf_counter()
         if single and "error" in embedded[0]:
             raise ServeError(int(embedded[0]["status"]), str(embedded[0]["error"]))
         good = [i for i, e in enumerate(embedded) if "vector" in e]
@@ -610,9 +615,11 @@ class Ingress:
             {"error": e["error"], "status": e["status"]} if "error" in e else {} for e in embedded
         ]
         missing: list[str] = []
+        t_search = t_embed
         if good:
             queries = np.stack([embedded[i]["vector"] for i in good]).astype(np.float32)
             raw, ids, uris, missing = await self._search(version, queries, k, fingerprint)
+            t_search = time.perf_counter()
             found = version.finisher.finish(queries, raw, ids, tuple(missing))
             for row, i in enumerate(good):
                 matches = []
@@ -642,7 +649,12 @@ class Ingress:
             "score_normalised": version.finisher.normalizer is not None,
             "missing_shards": missing,
         }
-        head["took_ms"] = round(1000 * (time.perf_counter() - t0), 2)
+        now = time.perf_counter()
+        head["took_ms"] = round(1000 * (now - t0), 2)
+        head["timings_ms"] = {
+            "embed": round(1000 * (t_embed - t0), 2),
+            "search": round(1000 * (t_search - t_embed), 2),
+        }
         return {**head, **results[0]} if single else {**head, "results": results}
 
     def _default_threshold(self, version: _Version) -> float:
@@ -723,18 +735,22 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         cfg.embedder_gpus if cfg.embedder_gpus is not None else (1.0 if _cluster_has_gpu() else 0.0)
     )
     threads = cfg.embed_threads or max(1, int(cfg.embedder_cpus))
+    # Internal calls are not worth a log line each (the ingress logs every HTTP request).
+    quiet = {"enable_access_log": False}
     embedder = Embedder.options(
         num_replicas=cfg.embedder_replicas,
         ray_actor_options={"num_cpus": cfg.embedder_cpus, "num_gpus": gpus},
         max_ongoing_requests=max(cfg.max_batch_size * 2, 8),
         max_queued_requests=cfg.embed_queue,
         user_config={k: getattr(cfg, k) for k in EMBEDDER_SETTINGS},
+        logging_config=quiet,
     ).bind(cfg.model, cfg.teacher, cfg.index, cfg.max_pixels, cfg.max_upload_bytes, threads)
     searchers = [
         Searcher.options(
             name=f"Searcher{g}",
             ray_actor_options={"num_cpus": cfg.searcher_cpus},
             max_ongoing_requests=64,
+            logging_config=quiet,
         ).bind(cfg.index, g, groups, max(1, int(cfg.searcher_cpus)))
         for g in range(groups)
     ]

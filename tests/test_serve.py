@@ -70,8 +70,9 @@ def _embed_run(model, paths: list[Path], out: Path) -> str:
     from rdcd.store import RunIdentity, write_embeddings
 
     arrays = [load_for_model(p.read_bytes(), model.image_size) for p in paths]
-    vectors = np.concatenate([model.embed(np.stack(arrays[i : i + 8])) for i in
-                              range(0, len(arrays), 8)])  # fmt: skip
+    vectors = np.concatenate(
+        [model.embed(np.stack(arrays[i : i + 8])) for i in range(0, len(arrays), 8)]
+    )
     identity = RunIdentity(model.fingerprint, model.name, model.dim, model.image_size, "fp32", 12)
     write_embeddings(str(out), [str(p) for p in paths], vectors, identity)
     return str(out)
@@ -98,13 +99,21 @@ def served(ray_local, photos, tmp_path_factory):
         "bg": _embed_run(model, background, tmp / "run-bg"),
     }
     root = str(tmp / "index")
-    build_index(IndexConfig(embeddings=runs["v1"], out=root, shards=2, background=runs["bg"],
-                            task_cpus=0.5))  # fmt: skip
+    build_index(
+        IndexConfig(embeddings=runs["v1"], out=root, shards=2, background=runs["bg"], task_cpus=0.5)
+    )
     port = _free_port()
     os.environ[TOKEN_ENV] = TOKEN
-    cfg = ServeConfig(index=root, model="default", port=port, poll_interval_s=0.5,
-                      token_env=TOKEN_ENV, embedder_cpus=0.5, max_upload_bytes=2_000_000,
-                      name="rdcd-test")  # fmt: skip
+    cfg = ServeConfig(
+        index=root,
+        model="default",
+        port=port,
+        poll_interval_s=0.5,
+        token_env=TOKEN_ENV,
+        embedder_cpus=0.5,
+        max_upload_bytes=2_000_000,
+        name="rdcd-test",
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
@@ -120,8 +129,16 @@ def served(ray_local, photos, tmp_path_factory):
         pytest.fail("the Serve app did not become healthy within 120 s")
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {TOKEN}"
-    yield {"url": url, "http": session, "root": root, "runs": runs, "refs": refs, "new": new,
-           "photos": photos, "model": model}  # fmt: skip
+    yield {
+        "url": url,
+        "http": session,
+        "root": root,
+        "runs": runs,
+        "refs": refs,
+        "new": new,
+        "photos": photos,
+        "model": model,
+    }
     serve.shutdown()
     os.environ.pop(TOKEN_ENV, None)
 
@@ -155,8 +172,9 @@ def test_copy_is_found_and_unrelated_photo_is_not(served):
 
 def test_multipart_batch_and_threshold(served):
     copy = _copy_of(Image.open(served["refs"][2]))
-    r = served["http"].post(f"{served['url']}/v1/match", files={"image": ("q.jpg", copy)},
-                            params={"k": 1}, timeout=60)  # fmt: skip
+    r = served["http"].post(
+        f"{served['url']}/v1/match", files={"image": ("q.jpg", copy)}, params={"k": 1}, timeout=60
+    )
     assert r.status_code == 200, r.text
     assert r.json()["matches"][0]["reference_id"] == 2
     # a threshold above every score: still the same match, but not a copy
@@ -211,8 +229,10 @@ def test_auth_token_enforced_except_health(served):
     assert requests.post(f"{url}/v1/match", data=data, timeout=10).status_code == 401
     wrong = {"Authorization": "Bearer not-the-token"}
     assert requests.post(f"{url}/v1/match", data=data, headers=wrong, timeout=10).status_code == 401
-    assert requests.post(f"{url}/v1/match/batch", files={"a": ("a", data)},
-                         timeout=10).status_code == 401  # fmt: skip
+    assert (
+        requests.post(f"{url}/v1/match/batch", files={"a": ("a", data)}, timeout=10).status_code
+        == 401
+    )
     assert served["http"].get(f"{url}/v1/index", timeout=10).status_code == 200
 
 
@@ -250,11 +270,26 @@ def test_cli_serves_and_sigterm_leaves_no_process(served, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TOKEN_ENV)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.serve", "--index", served["root"], "--model", "default",
-         "--port", str(port), "--embedder-cpus", "0.5"],
-        cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobs.serve",
+            "--index",
+            served["root"],
+            "--model",
+            "default",
+            "--port",
+            str(port),
+            "--embedder-cpus",
+            "0.5",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     spawned: set[int] = set()
     try:
         deadline = time.monotonic() + 150
@@ -298,8 +333,15 @@ def test_new_version_is_served_without_restart(served):
     before = _match(served, query).json()
     assert before["index_version"] == 1 and before["is_copy"] is False
 
-    build_index(IndexConfig(embeddings=served["runs"]["v2"], out=served["root"], shards=3,
-                            background=served["runs"]["bg"], task_cpus=0.5))  # fmt: skip
+    build_index(
+        IndexConfig(
+            embeddings=served["runs"]["v2"],
+            out=served["root"],
+            shards=3,
+            background=served["runs"]["bg"],
+            task_cpus=0.5,
+        )
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         body = _match(served, query).json()
@@ -328,8 +370,9 @@ def test_index_of_another_model_is_refused(served, tmp_path):
     identity = RunIdentity("f" * 64, "other-model", model.dim, model.image_size, "fp32", 10)
     write_embeddings(str(tmp_path / "other"), [f"x{i}" for i in range(20)], vectors, identity)
     serving = served["http"].get(f"{served['url']}/v1/index", timeout=10).json()["version"]
-    manifest = build_index(IndexConfig(embeddings=str(tmp_path / "other"), out=served["root"],
-                                       shards=1, task_cpus=0.5))  # fmt: skip
+    manifest = build_index(
+        IndexConfig(embeddings=str(tmp_path / "other"), out=served["root"], shards=1, task_cpus=0.5)
+    )
     deadline = time.monotonic() + 30
     info: dict = {}
     while time.monotonic() < deadline:
