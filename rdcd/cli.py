@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -252,6 +253,94 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_bytes(text: str) -> int:
+    """`8G`, `512M`, `1.5GiB` or a plain byte count."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8G, 512M, 1000000)")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * 1024**power)
+
+
+def add_index_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="index root (path or s3://): v<N>/ and CURRENT")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--embeddings", help="build a new version from this embedding run")
+    what.add_argument("--add", metavar="RUN", help="add another embedding run as a delta shard")
+    what.add_argument(
+        "--remove",
+        metavar="FILE",
+        help="tombstone the references listed in FILE (ids or URIs, one a line; - for stdin)",
+    )
+    what.add_argument("--compact", action="store_true", help="fold deltas and tombstones in")
+    what.add_argument("--show", action="store_true", help="print the published version")
+    p.add_argument("--factory", help="FAISS factory string (default: chosen from size and budget)")
+    p.add_argument("--shards", type=int, help="index shards (default: one per million vectors)")
+    p.add_argument("--memory-budget", type=_parse_bytes, default="8G", help="e.g. 8G (default)")
+    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default: chosen)")
+    p.add_argument("--k-factor", type=int, default=4, help="exact re-rank candidates per result")
+    p.add_argument("--background", help="embedding run of unrelated images (score normalisation)")
+    p.add_argument("--max-background", type=int, default=10_000)
+    p.add_argument("--train-sample", type=int, help="vectors the codec is trained on")
+    p.add_argument("--task-cpus", type=float, default=1.0, help="CPUs per shard-building task")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the quantizer on a GPU (default: when FAISS sees one)")  # fmt: skip
+
+
+def _print_index(manifest: dict) -> None:
+    from rdcd.index import summary
+
+    s = summary(manifest)
+    print(f"version          v{s['version']}")
+    print(f"factory          {s['factory']}: {manifest.get('factory_reason', '')}")
+    print(f"model            {s['model']} ({s['fingerprint'][:12]}), {s['dim']}-d")
+    print(f"vectors          {s['ntotal']} in {len(s['shards'])} shards "
+          f"({', '.join(s['shards'])}), {s['tombstones']} tombstoned")  # fmt: skip
+    print(f"search           {s['search']}, exact scores: {s['exact_scores']}")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from rdcd import index
+
+    if args.embeddings:
+        cfg = index.IndexConfig(
+            embeddings=args.embeddings,
+            out=args.out,
+            factory=args.factory,
+            shards=args.shards,
+            memory_budget=args.memory_budget,
+            nprobe=args.nprobe,
+            k_factor=args.k_factor,
+            train_sample=args.train_sample,
+            background=args.background,
+            max_background=args.max_background,
+            task_cpus=args.task_cpus,
+            gpu=args.gpu,
+        )
+        manifest = index.build_index(cfg)
+        b = manifest["build"]
+        _print_index(manifest)
+        print(f"time             {b['seconds']} s (sample {b['sample_seconds']} s, "
+              f"train {b['train_seconds']} s, add {b['add_seconds']} s)")  # fmt: skip
+    elif args.add:
+        manifest = index.add_references(args.out, args.add, cpus=args.task_cpus)
+        _print_index(manifest)
+    elif args.remove:
+        text = sys.stdin.read() if args.remove == "-" else open(args.remove).read()
+        manifest, counts = index.remove_references(args.out, text.splitlines())
+        _print_index(manifest)
+        print(f"removed          {counts['removed']} (already removed {counts['already']}, "
+              f"not in the index {counts['unknown']})")  # fmt: skip
+    elif args.compact:
+        manifest = index.compact(args.out, shards=args.shards, cpus=args.task_cpus)
+        _print_index(manifest)
+    else:
+        _print_index(index.read_manifest(args.out))
+        return 0
+    print(f"wrote {args.out} (v{manifest['version']}, CURRENT)")
+    return 0
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     # Defaults live in rdcd.serve.ServeConfig (not imported here: it pulls in Ray and FastAPI).
     p.add_argument("--index", required=True, help="index root (`rdcd index --out`): path or s3://")
@@ -315,6 +404,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         cmd_evaluate,
     ),
     "embed": ("bulk embedding into Parquet shards (Ray Data)", add_embed_args, cmd_embed),
+    "index": ("sharded, versioned FAISS index of an embedding run", add_index_args, cmd_index),
     "train": ("RDCD distillation of a compact student (Ray Train)", add_train_args, cmd_train),
     "serve": ("the copy-detection HTTP endpoint (Ray Serve)", add_serve_args, cmd_serve),
 }
