@@ -52,6 +52,11 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=1.0, help="score-normalisation strength")
     p.add_argument("--max-background", type=int, help="subsample the background set")
     p.add_argument("--whiten", action="store_true", help="PCA-whiten on the background set")
+    p.add_argument(
+        "--index",
+        help="search this published index (`rdcd index --out`) instead of embedding references/: "
+        "the production path; its background set does the score normalisation",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -74,10 +79,101 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         max_background=args.max_background,
         whiten=args.whiten,
         progress=not args.no_progress,
+        index=args.index,
     )
     result = evaluate(cfg)
     print_metrics(result)
     print(f"wrote {cfg.out}/metrics.json and predictions")
+    return 0
+
+
+def add_match_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--queries",
+        required=True,
+        help="query images: folder, s3:// prefix or manifest file (.txt/.parquet)",
+    )
+    p.add_argument("--index", required=True, help="index root (`rdcd index --out`)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="the index's model: default, sscd or a "
+        "checkpoint (checked against the index's fingerprint)",
+    )
+    p.add_argument("--out", required=True, help="predictions file: .csv or .parquet")
+    p.add_argument("--teacher", help="teacher file when --model sscd")
+    p.add_argument("--k", type=int, default=10, help="candidates per query (10)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="keep rows scoring >= this (what /v1/match flags is_copy); default: all",
+    )
+    p.add_argument(
+        "--max-predictions",
+        type=int,
+        metavar="N",
+        help="keep the N best rows over all queries (DISC2021 allowed 500000)",
+    )
+    p.add_argument(
+        "--raw-scores",
+        action="store_true",
+        help="write cosine similarities, not score-normalised scores",
+    )
+    p.add_argument(
+        "--reference-ids",
+        choices=("stem", "id", "uri"),
+        default="stem",
+        help="reference_id column: file name without extension (DISC2021, default), "
+        "the index's integer id, or the URI",
+    )
+    p.add_argument(
+        "--embeddings",
+        help="where the query descriptors go (a resumable embedding "
+        "run; default: <out without suffix>-query-embeddings)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    p.add_argument("--shard-size", type=int, default=10_000, help="queries per embedding part")
+    p.add_argument("--actors", type=int, help="model actors (default: fill the cluster)")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs per model actor (default: auto)")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    from rdcd.match import MatchConfig, run_match
+
+    cfg = MatchConfig(
+        queries=args.queries,
+        index=args.index,
+        out=args.out,
+        model=args.model,
+        teacher=args.teacher,
+        k=args.k,
+        threshold=args.threshold,
+        max_predictions=args.max_predictions,
+        raw_scores=args.raw_scores,
+        reference_ids=args.reference_ids,
+        embeddings=args.embeddings,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        progress=not args.no_progress,
+    )
+    s = run_match(cfg)
+    c, t = s["counts"], s["timings"]
+    print(f"model            {s['model']} ({s['fingerprint'][:12]})")
+    print(f"index            {s['index']} v{s['index_version']}, {c['references']} references")
+    print(f"queries          {c['queries']}: {c['embedded']} embedded, {c['errors']} undecodable")
+    for e in s["errors"][:5]:
+        print(f"                 {e['uri']}: {e['error']}")
+    cap = f", {c['dropped_by_cap']} dropped by --max-predictions" if c["dropped_by_cap"] else ""
+    print(f"predictions      {c['predictions']} ({s['score']} scores) for "
+          f"{c['queries_with_predictions']} queries{cap}")  # fmt: skip
+    print(f"time             {t['total_seconds']} s (embed {t['embed_seconds']} s, "
+          f"search {t['search_seconds']} s)")  # fmt: skip
+    print(f"wrote {cfg.out} (query descriptors in {s['embeddings']})")
     return 0
 
 
@@ -407,6 +503,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "index": ("sharded, versioned FAISS index of an embedding run", add_index_args, cmd_index),
     "train": ("RDCD distillation of a compact student (Ray Train)", add_train_args, cmd_train),
     "serve": ("the copy-detection HTTP endpoint (Ray Serve)", add_serve_args, cmd_serve),
+    "match": ("a query set against an index, as DISC2021 predictions", add_match_args, cmd_match),
 }
 
 

@@ -5,6 +5,12 @@ Reads a folder in the DISC2021 layout (`references/`, `queries/` or `dev_queries
 everything with the model, retrieves the k nearest references of every query, and writes
 `predictions.csv` (raw cosine), `predictions_sn.csv` (score-normalised against the background set)
 and `metrics.json`. The same code serves a 60-image demo folder and the 1M-image dev set.
+
+With `index` (`rdcd evaluate --index URI`), references and background come from a published
+index instead (`rdcd embed` + `rdcd index`), and queries go through the production query path:
+`ShardedIndex.search` and the prediction rows of `rdcd.match`, which `rdcd match` and the Serve
+endpoint share. On an exact (Flat) index built from the same references and background, the
+figures equal those of the flat search.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from rdcd.metrics import (
     write_predictions,
 )
 from rdcd.models import load_model
-from rdcd.search import ScoreNormalizer, Whitening, search
+from rdcd.search import ScoreNormalizer, Whitening, check_fingerprint, search
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +66,12 @@ class EvalConfig:
     whiten: bool = False
     seed: int = 0
     progress: bool = True
+    index: str | None = None  # a published index: evaluate the production search path on it
 
 
 @dataclass(frozen=True)
 class DiscLayout:
-    references: str
+    references: str | None  # None: the references are those of `EvalConfig.index`
     queries: str
     background: str | None
     ground_truth: str
@@ -95,12 +102,17 @@ def _find_ground_truth(root: str, queries: str) -> str | None:
 def resolve_layout(cfg: EvalConfig) -> DiscLayout:
     """Explicit flags win; otherwise the DISC2021 names under `disc_root`."""
     root = cfg.disc_root
-    if root is None and not (cfg.references and cfg.queries and cfg.ground_truth):
+    need_refs = not cfg.index
+    if root is None and not (
+        (cfg.references or not need_refs) and cfg.queries and cfg.ground_truth
+    ):
         raise LayoutError("give --disc-root, or all of --references, --queries and --ground-truth")
-    refs = cfg.references or _first_existing(root, ("references",))
+    refs = cfg.references or (_first_existing(root, ("references",)) if root else None)
     queries = cfg.queries or _first_existing(root, QUERY_DIRS)
     background = cfg.background or (_first_existing(root, BACKGROUND_DIRS) if root else None)
-    if not refs:
+    if not need_refs:
+        refs = background = None  # both come from the index
+    elif not refs:
         raise LayoutError(f"{root}: no references/ folder (or pass --references)")
     if not queries:
         raise LayoutError(f"{root}: none of {', '.join(QUERY_DIRS)} found (or pass --queries)")
@@ -138,30 +150,24 @@ def _predictions(
     return out
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Run the evaluation and write its files under `cfg.out`; returns the metrics dict."""
-    t_start = time.perf_counter()
-    layout = resolve_layout(cfg)
-    gt: GroundTruth = read_ground_truth(layout.ground_truth)
+@dataclass
+class _Searched:
+    """What either search path hands to scoring: predictions and what was embedded."""
+
+    raw: list[Match]
+    normalised: list[Match] | None
+    embedded: list[EmbeddedSet]
+    references: int
+    background: int
+    search_seconds: float
+
+
+def _search_flat(cfg: EvalConfig, layout: DiscLayout, run, queries: EmbeddedSet) -> _Searched:
     ref_files = _list_images(layout.references, "references")
-    query_files = _list_images(layout.queries, "queries")
     bg_files = _list_images(layout.background, "background") if layout.background else []
     if cfg.max_background and len(bg_files) > cfg.max_background:
         bg_files = sorted(random.Random(cfg.seed).sample(bg_files, cfg.max_background))
-    model = load_model(cfg.model, teacher=cfg.teacher)
-    log.info("evaluating %s (%s) on %s", model.name, model.fingerprint[:12], layout)
-
-    def run(files: list[str], what: str) -> EmbeddedSet:
-        return embed_files(
-            model,
-            files,
-            batch_size=cfg.batch_size,
-            workers=cfg.workers,
-            progress=cfg.progress,
-            desc=what,
-        )
-
-    refs, queries = run(ref_files, "references"), run(query_files, "queries")
+    refs = run(ref_files, "references")
     background = run(bg_files, "background") if bg_files else None
     r_ids, q_ids = _ids(refs, "references"), _ids(queries, "queries")
 
@@ -176,12 +182,65 @@ def evaluate(cfg: EvalConfig) -> dict:
     t_search = time.perf_counter()
     normalizer = ScoreNormalizer(b_emb, cfg.beta, cfg.sn_neighbours) if b_emb is not None else None
     found = search(q_emb, r_emb, cfg.k, normalizer)
-    search_seconds = time.perf_counter() - t_search
+    seconds = time.perf_counter() - t_search
+    raw = _predictions(q_ids, r_ids, found.indices, found.raw_scores)
+    sn = _predictions(q_ids, r_ids, found.indices, found.scores) if normalizer else None
+    embedded = [refs] + ([background] if background is not None else [])
+    n_bg = len(background.uris) if background else 0
+    return _Searched(raw, sn, embedded, len(refs.uris), n_bg, seconds)
 
-    raw_preds = _predictions(q_ids, r_ids, found.indices, found.raw_scores)
+
+def _search_index(cfg: EvalConfig, model, queries: EmbeddedSet, index) -> _Searched:
+    from rdcd.match import query_ids_of, reference_namer, search_index, to_predictions
+
+    t_search = time.perf_counter()
+    q_ids = query_ids_of(queries.uris)
+    found = search_index(index, queries.embeddings, cfg.k, model.fingerprint)
+    name = reference_namer(index, "stem")
+    raw = to_predictions(q_ids, found, name=name, raw=True)
+    sn = to_predictions(q_ids, found, name=name) if index.normalizer is not None else None
+    seconds = time.perf_counter() - t_search
+    n_bg = len(index.normalizer.background) if index.normalizer is not None else 0
+    return _Searched(raw, sn, [], index.ntotal, n_bg, seconds)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the evaluation and write its files under `cfg.out`; returns the metrics dict."""
+    t_start = time.perf_counter()
+    if cfg.index and cfg.whiten:
+        raise LayoutError("--whiten cannot apply to --index: the index holds unwhitened vectors")
+    layout = resolve_layout(cfg)
+    gt: GroundTruth = read_ground_truth(layout.ground_truth)
+    query_files = _list_images(layout.queries, "queries")
+    index = None
+    if cfg.index:
+        from rdcd.index import load_index
+
+        index = load_index(cfg.index)
+    model = load_model(cfg.model, teacher=cfg.teacher)
+    if index is not None:  # refuse before embedding anything
+        check_fingerprint(index.fingerprint, model.fingerprint, f"index {cfg.index}")
+    log.info("evaluating %s (%s) on %s", model.name, model.fingerprint[:12], layout)
+
+    def run(files: list[str], what: str) -> EmbeddedSet:
+        return embed_files(
+            model,
+            files,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            progress=cfg.progress,
+            desc=what,
+        )
+
+    queries = run(query_files, "queries")
+    if index is None:
+        found = _search_flat(cfg, layout, run, queries)
+    else:
+        found = _search_index(cfg, model, queries, index)
+
     rio.makedirs(cfg.out)
-    write_predictions(rio.join(cfg.out, "predictions.csv"), raw_preds)
-    metrics = evaluate_predictions(raw_preds, gt)
+    write_predictions(rio.join(cfg.out, "predictions.csv"), found.raw)
+    metrics = evaluate_predictions(found.raw, gt)
     result: dict = {
         "uap": metrics["uap"],
         "uap_sn": None,
@@ -189,24 +248,24 @@ def evaluate(cfg: EvalConfig) -> dict:
         "threshold_at_p90": metrics["threshold_at_p90"],
         "recall_at_1": metrics["recall_at_1"],
     }
-    if normalizer is not None:
-        sn_preds = _predictions(q_ids, r_ids, found.indices, found.scores)
-        write_predictions(rio.join(cfg.out, "predictions_sn.csv"), sn_preds)
-        sn = evaluate_predictions(sn_preds, gt)
+    if found.normalised is not None:
+        write_predictions(rio.join(cfg.out, "predictions_sn.csv"), found.normalised)
+        sn = evaluate_predictions(found.normalised, gt)
         result.update(
             uap_sn=sn["uap"],
             recall_at_p90_sn=sn["recall_at_p90"],
             threshold_at_p90_sn=sn["threshold_at_p90"],
         )
-    errors = {**refs.errors, **queries.errors, **(background.errors if background else {})}
-    total_images = len(refs.uris) + len(queries.uris) + (len(background.uris) if background else 0)
-    embed_seconds = refs.seconds + queries.seconds + (background.seconds if background else 0.0)
+    embedded = [queries, *found.embedded]
+    errors = {u: e for s in embedded for u, e in s.errors.items()}
+    total_images = sum(len(s.uris) for s in embedded)
+    embed_seconds = sum(s.seconds for s in embedded)
     result.update(
         model={**model.describe(), "spec": cfg.model},
         counts={
-            "references": len(refs.uris),
+            "references": found.references,
             "queries": len(queries.uris),
-            "background": len(background.uris) if background else 0,
+            "background": found.background,
             "errors": len(errors),
             "gt_pairs": metrics["n_gt_pairs"],
             "gt_queries": metrics["n_queries"],
@@ -215,12 +274,14 @@ def evaluate(cfg: EvalConfig) -> dict:
         timings={
             "embed_seconds": round(embed_seconds, 3),
             "images_per_second": round(total_images / embed_seconds, 2) if embed_seconds else None,
-            "search_seconds": round(search_seconds, 3),
+            "search_seconds": round(found.search_seconds, 3),
             "total_seconds": round(time.perf_counter() - t_start, 3),
         },
         layout=asdict(layout),
         config={k: v for k, v in asdict(cfg).items() if k != "progress"},
         errors=[{"uri": u, "error": e} for u, e in sorted(errors.items())],
     )
+    if index is not None:
+        result["index"] = {"root": cfg.index, "version": index.version, **index.info}
     rio.write_text(rio.join(cfg.out, "metrics.json"), json.dumps(result, indent=2))
     return result

@@ -1,0 +1,324 @@
+"""Offline matching: a whole query set against a published index, as DISC2021 predictions.
+
+`rdcd match` embeds the queries with the bulk embedding job (Ray Data, resumable Parquet parts
+under `--embeddings`), searches the index with `ShardedIndex.search` (per-shard top-k, merge, score
+normalisation against the index's background set: the very code the Serve ingress finishes its
+searchers' answers with) and writes one row per (query, reference) candidate:
+
+    query_id,reference_id,score
+
+`score` is what `/v1/match` calls `score` (score-normalised when the index holds a background
+set, else the cosine similarity); `--raw-scores` writes the cosine instead. `--threshold T` keeps
+the rows that `/v1/match` would flag `is_copy` at threshold T; without it every top-k candidate is
+written, which is what µAP wants. `--max-predictions N` keeps the N best rows over all queries
+(the DISC2021 challenge allowed 500,000).
+
+Ids follow DISC2021: a query's id is its file name without extension (`Q00042.jpg` -> `Q00042`),
+and so is a reference's, from the URI the index holds for it (`--reference-ids id` writes the
+index's integer ids instead, `uri` the full URI). `rdcd evaluate --index` builds its predictions
+with the same functions, so evaluation measures exactly what matching and serving return.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from rdcd import io as rio
+from rdcd.metrics import Match
+from rdcd.search import Matches, ShardedIndex, check_fingerprint
+
+log = logging.getLogger(__name__)
+
+REFERENCE_ID_KINDS = ("stem", "id", "uri")
+OUTPUT_SUFFIXES = (".csv", ".parquet")
+SEARCH_BATCH = 8192  # queries per FAISS call: bounds memory for DISC-sized query sets
+CHALLENGE_CAP = 500_000  # the DISC2021 matching track's limit on predictions
+
+
+class MatchError(ValueError):
+    """A matching request that cannot be answered; the message says why and what to do."""
+
+
+@dataclass
+class MatchConfig:
+    """`rdcd match` settings. `queries`, `index` and `out` have no default that runs."""
+
+    queries: str = ""  # folder, s3:// prefix or manifest file (.txt/.lst/.parquet) of query images
+    index: str = ""  # index root (`rdcd index --out`)
+    out: str = ""  # predictions: .csv or .parquet (local path or s3:// URI)
+    model: str = "default"  # must be the index's model (its fingerprint is checked)
+    teacher: str | None = None  # teacher file when model is `sscd`
+    k: int = 10  # candidates per query
+    threshold: float | None = None  # keep rows with score >= threshold (is_copy in /v1/match)
+    max_predictions: int | None = None  # keep the best N rows over all queries
+    raw_scores: bool = False  # write cosine similarities instead of normalised scores
+    reference_ids: str = "stem"  # stem | id | uri
+    embeddings: str | None = None  # query embedding run; default `<out stem>-query-embeddings`
+    batch_size: int = 32
+    shard_size: int = 10_000
+    actors: int | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.queries or not self.index or not self.out:
+            raise MatchError("match needs --queries URI, --index URI and --out FILE")
+        if not self.out.lower().endswith(OUTPUT_SUFFIXES):
+            raise MatchError(f"--out {self.out!r}: predictions are written as .csv or .parquet")
+        if self.k < 1:
+            raise MatchError(f"--k must be >= 1, got {self.k}")
+        if self.max_predictions is not None and self.max_predictions < 1:
+            raise MatchError(f"--max-predictions must be >= 1, got {self.max_predictions}")
+        if self.threshold is not None and not np.isfinite(self.threshold):
+            raise MatchError(f"--threshold must be finite, got {self.threshold}")
+        if self.reference_ids not in REFERENCE_ID_KINDS:
+            raise MatchError(
+                f"--reference-ids must be one of {', '.join(REFERENCE_ID_KINDS)}, "
+                f"not {self.reference_ids!r}"
+            )
+
+    def embeddings_uri(self) -> str:
+        if self.embeddings:
+            return self.embeddings
+        base = self.out.rsplit(".", 1)[0]
+        return f"{base}-query-embeddings"
+
+
+# ---- the search path shared by `rdcd match`, `rdcd evaluate --index` and the demo ------------
+
+
+def search_index(
+    index: ShardedIndex, vectors: np.ndarray, k: int, fingerprint: str | None
+) -> Matches:
+    """`index.search` in bounded batches; the results are those of one call."""
+    check_fingerprint(index.fingerprint, fingerprint, f"index version {index.version}")
+    n = len(vectors)
+    if n <= SEARCH_BATCH:
+        return index.search(vectors, k, fingerprint=fingerprint)
+    parts = [
+        index.search(vectors[i : i + SEARCH_BATCH], k, fingerprint=fingerprint)
+        for i in range(0, n, SEARCH_BATCH)
+    ]
+    return Matches(
+        np.concatenate([p.ids for p in parts]),
+        [row for p in parts for row in p.uris],
+        np.concatenate([p.raw_scores for p in parts]),
+        np.concatenate([p.scores for p in parts]),
+        tuple(sorted({s for p in parts for s in p.missing_shards})),
+    )
+
+
+def reference_namer(index: ShardedIndex, kind: str = "stem"):
+    """A function (id, uri) -> the reference id written in predictions. For `stem`, two
+    references of the index with the same file name would be indistinguishable in DISC-format
+    output: that is refused up front, with the way out."""
+    if kind == "id":
+        return lambda rid, uri: str(int(rid))
+    if kind == "uri":
+        return lambda rid, uri: str(uri)
+    seen: dict[str, str] = {}
+    for shard in index.shards:
+        for uri in shard.uris:
+            s = rio.stem(uri)
+            other = seen.setdefault(s, uri)
+            if other != uri:
+                raise MatchError(
+                    f"two references of the index share the id {s!r} ({other} and {uri}): "
+                    "DISC ids are file names without extension. Use --reference-ids uri or id"
+                )
+    return lambda rid, uri: rio.stem(uri)
+
+
+def to_predictions(
+    query_ids: list[str],
+    found: Matches,
+    *,
+    name=lambda rid, uri: rio.stem(uri),
+    threshold: float | None = None,
+    raw: bool = False,
+) -> list[Match]:
+    """One `Match` per (query, candidate) of `found`, best first within a query. `threshold`
+    applies to the written score (as `/v1/match` decides `is_copy` on its `score`)."""
+    if len(query_ids) != len(found.ids):
+        raise ValueError(f"{len(query_ids)} query ids for {len(found.ids)} rows of results")
+    scores = found.raw_scores if raw else found.scores
+    out: list[Match] = []
+    for row, qid in enumerate(query_ids):
+        for col in range(found.ids.shape[1]):
+            rid = int(found.ids[row, col])
+            if rid < 0:
+                continue
+            score = float(scores[row, col])
+            if threshold is not None and float(found.scores[row, col]) < threshold:
+                continue
+            out.append(Match(qid, name(rid, found.uris[row][col]), score))
+    return out
+
+
+def cap_predictions(predictions: list[Match], limit: int | None) -> list[Match]:
+    """The `limit` best rows over all queries (ties broken by ids, so the cut is reproducible),
+    in their original order."""
+    if limit is None or len(predictions) <= limit:
+        return predictions
+    order = sorted(
+        range(len(predictions)),
+        key=lambda i: (-predictions[i].score, predictions[i].query_id, predictions[i].reference_id),
+    )
+    keep = sorted(order[:limit])
+    return [predictions[i] for i in keep]
+
+
+def write_predictions_file(uri: str, predictions: list[Match]) -> None:
+    """`query_id,reference_id,score` as CSV (the DISC2021 format) or Parquet (same columns)."""
+    if uri.lower().endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table(
+            {
+                "query_id": pa.array([p.query_id for p in predictions], pa.string()),
+                "reference_id": pa.array([p.reference_id for p in predictions], pa.string()),
+                "score": pa.array([p.score for p in predictions], pa.float64()),
+            }
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        rio.write_bytes(uri, buf.getvalue())
+        return
+    from rdcd.metrics import write_predictions
+
+    write_predictions(uri, predictions)
+
+
+def read_predictions_file(uri: str) -> list[Match]:
+    """Predictions written by `write_predictions_file` (or any DISC2021 CSV)."""
+    if uri.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(io.BytesIO(rio.read_bytes(uri)))
+        cols = [t.column(c).to_pylist() for c in ("query_id", "reference_id", "score")]
+        return [Match(q, r, float(s)) for q, r, s in zip(*cols, strict=True)]
+    from rdcd.metrics import read_predictions
+
+    return read_predictions(uri)
+
+
+def query_ids_of(uris: list[str]) -> list[str]:
+    """DISC query ids (file names without extension); two queries with one id are refused."""
+    ids = [rio.stem(u) for u in uris]
+    if len(set(ids)) != len(ids):
+        seen: dict[str, str] = {}
+        for i, u in zip(ids, uris, strict=True):
+            if i in seen:
+                raise MatchError(
+                    f"two queries share the id {i!r} ({seen[i]} and {u}): query ids are file "
+                    "names without extension"
+                )
+            seen[i] = u
+    return ids
+
+
+# ---- the job --------------------------------------------------------------------------------
+
+
+def run_match(cfg: MatchConfig) -> dict[str, Any]:
+    """Embed `cfg.queries` (Ray Data), search `cfg.index`, write `cfg.out`; returns a summary.
+
+    The model is checked against the index before any image is embedded, and again on the
+    descriptors read back: a query set embedded by another model is refused, never searched."""
+    from rdcd import store
+    from rdcd.embed import EmbedJobConfig, load_embedder, run_embed_job
+    from rdcd.index import load_index, read_manifest
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    manifest = read_manifest(cfg.index)
+    model = load_embedder(cfg.model, teacher=cfg.teacher, device="cpu", threads=1)
+    check_fingerprint(
+        manifest["fingerprint"], model.fingerprint, f"index {cfg.index} v{manifest['version']}"
+    )
+    del model
+    emb = cfg.embeddings_uri()
+    run = run_embed_job(
+        EmbedJobConfig(
+            images=cfg.queries,
+            out=emb,
+            model=cfg.model,
+            teacher=cfg.teacher,
+            shard_size=cfg.shard_size,
+            batch_size=cfg.batch_size,
+            actors=cfg.actors,
+            cpus_per_actor=cfg.cpus_per_actor,
+            gpus_per_actor=cfg.gpus_per_actor,
+            progress=cfg.progress,
+        )
+    )
+    t_embed = time.perf_counter()
+    queries = store.read_embeddings(emb)
+    failed = store.read_errors(emb)
+    index = load_index(cfg.index, int(manifest["version"]))
+    t_load = time.perf_counter()
+    qids = query_ids_of(queries.uris)
+    found = search_index(index, queries.embeddings, cfg.k, queries.meta["fingerprint"])
+    predictions = to_predictions(
+        qids,
+        found,
+        name=reference_namer(index, cfg.reference_ids),
+        threshold=cfg.threshold,
+        raw=cfg.raw_scores,
+    )
+    before_cap = len(predictions)
+    predictions = cap_predictions(predictions, cfg.max_predictions)
+    t_search = time.perf_counter()
+    write_predictions_file(cfg.out, predictions)
+    summary: dict[str, Any] = {
+        "out": cfg.out,
+        "embeddings": emb,
+        "index": cfg.index,
+        "index_version": index.version,
+        "model": run["model"],
+        "fingerprint": run["fingerprint"],
+        "score": "raw" if cfg.raw_scores or index.normalizer is None else "normalised",
+        "counts": {
+            "queries": len(queries.uris) + len(failed),
+            "embedded": len(queries.uris),
+            "errors": len(failed),
+            "references": index.ntotal,
+            "predictions": len(predictions),
+            "dropped_by_cap": before_cap - len(predictions),
+            "queries_with_predictions": len({p.query_id for p in predictions}),
+        },
+        "timings": {
+            "embed_seconds": round(t_embed - t0, 3),
+            "load_index_seconds": round(t_load - t_embed, 3),
+            "search_seconds": round(t_search - t_load, 3),
+            "total_seconds": round(time.perf_counter() - t0, 3),
+        },
+        "errors": [{"uri": u, "error": e} for _, u, e in failed],
+        "config": asdict(cfg),
+    }
+    log.info("match summary: %s", json.dumps(summary["counts"]))
+    return summary
+
+
+__all__ = [
+    "CHALLENGE_CAP",
+    "MatchConfig",
+    "MatchError",
+    "cap_predictions",
+    "query_ids_of",
+    "read_predictions_file",
+    "reference_namer",
+    "run_match",
+    "search_index",
+    "to_predictions",
+    "write_predictions_file",
+]
