@@ -62,6 +62,16 @@ def test_choose_factory_by_size_and_budget():
         rindex.choose_factory(1_000_000, 256, memory_budget=2**20)
 
 
+def test_ivf_pq_trains_without_polysemous_codes():
+    """Polysemous training (Hamming filtering, never used here) made IVF-PQ training take
+    minutes; the codec is trained without it."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(rindex._empty_index("IVF16,PQ8x8", DIM))
+    assert isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ)
+    assert not faiss.downcast_index(ivf).do_polysemous_training
+
+
 def test_sharded_flat_equals_single_index_and_exact_search(ray_local, base):
     d, x = base["dir"], base["x"]
     one = rindex.build_index(rindex.IndexConfig(base["run"], str(d / "one"), shards=1,
