@@ -67,9 +67,10 @@ def test_ivf_pq_trains_without_polysemous_codes():
     minutes; the codec is trained without it."""
     import faiss
 
-    ivf = faiss.extract_index_ivf(rindex._empty_index("IVF16,PQ8x8", DIM))
-    assert isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ)
-    assert not faiss.downcast_index(ivf).do_polysemous_training
+    index = rindex._empty_index("IVF16,PQ8x8", DIM)  # owns the IVF below: keep it alive
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    assert isinstance(ivf, faiss.IndexIVFPQ)
+    assert not ivf.do_polysemous_training
 
 
 def test_sharded_flat_equals_single_index_and_exact_search(ray_local, base):
