@@ -188,15 +188,26 @@ def plan_actors(cfg: EmbedJobConfig, cpus: float, gpus: float) -> ActorPlan:
 
     On CPU the model is the bottleneck (15-25x slower than decoding), so actors take most cores
     but leave headroom for the read+decode tasks: without it Ray schedules no decode task and the
-    job hangs. On GPU, one actor per GPU with a core to feed it.
+    job hangs. On GPU, one actor per GPU with a core to feed it. With explicit `actors` and
+    `gpus_per_actor` the pool may outgrow the cluster as it is now (GPU workers that scale from
+    zero, cluster/aws.yaml): Ray's autoscaler starts nodes for the pending actors.
     """
     gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
     if gpa > 0:
-        if gpus < gpa:
-            raise ValueError(f"--gpus-per-actor {gpa}, but the Ray cluster has {gpus:g} GPU(s)")
+        if gpus < gpa and not cfg.actors:
+            raise ValueError(
+                f"--gpus-per-actor {gpa}, but the Ray cluster has {gpus:g} GPU(s); on a cluster "
+                "whose autoscaler adds GPU nodes on demand, give --actors N as well"
+            )
         cpa = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else 1.0
         actors = cfg.actors or max(1, int(gpus // gpa))
         plan = ActorPlan(actors, cpa, gpa, max(1, math.ceil(cpa)), "cuda")
+        if actors * gpa > gpus:
+            # An explicit pool larger than today's cluster: the pending actors are the demand
+            # that makes the autoscaler start GPU nodes (which bring their own CPUs).
+            log.info("%d actor(s) x %g GPU on %g GPU(s) now: waiting for the autoscaler",
+                     actors, gpa, gpus)  # fmt: skip
+            return plan
     else:
         headroom = max(2 * cfg.decode_cpus, cpus / 8)
         cpa = cfg.cpus_per_actor or max(0.5, min(4.0, cpus - headroom))
