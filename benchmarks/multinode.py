@@ -10,9 +10,9 @@ trees; `ray job submit -- python -m jobs.embed` over real photos; the worker nod
 once it has embedded a batch and a replacement joins; then `python -m jobs.build_index`. Printed:
 the time from submission to the worker's first batch (driver start, runtime env, actor start and
 model load), from the kill to the replacement joining and to the job's end, model batches per
-node, rows delivered twice and dropped, and the index job's wall time. Baseline: the same job's
-own steady-state rate from run.json, beside the plain single-process loop of
-benchmarks/embed_job.py.
+node, rows delivered twice and dropped, and the index job's wall time. Baseline: the job's own
+rate from run.json (first to last model batch, so it includes the loss), to set beside the
+single-node rates of benchmarks/embed_job.py.
 
 Driver memory: the embed job's driver holds the input manifest (URI, size, ETag per image) and the
 list of model batches; both grow with the input. Measured for `--driver-images` synthetic S3 URIs
@@ -106,14 +106,14 @@ def cluster_run(args: argparse.Namespace) -> None:
           f" batch {args.batch_size} (load average {os.getloadavg()[0]:.1f}):")  # fmt: skip
     print(f"  head + worker ready                 {ready:6.1f} s")
     for key, value in run["timings"].items():
-        print(f"  {key.replace('_', ' '):35s} {value:6.1f} s")
+        print(f"  {key.removesuffix('_s').replace('_', ' '):35s} {value:6.1f} s")
     print(f"  embed job                           {run['status']}, {len(ids)} rows, ids unique: "
           f"{len(set(ids.tolist())) == len(ids)}, parts committed before the kill: "
           f"{run['parts_before_kill']}")  # fmt: skip
     print(f"  model batches per node              {per_node}")
     print(f"  rows delivered twice and dropped    {attempt.get('duplicates_dropped')}")
-    print(f"  job steady-state rate               {attempt.get('steady_images_per_second')} img/s"
-          f" (whole job {attempt.get('images_per_second')} img/s)")  # fmt: skip
+    print(f"  job rate, first to last batch       {attempt.get('steady_images_per_second')} img/s"
+          f" (across the loss; whole job {attempt.get('images_per_second')} img/s)")  # fmt: skip
     print(f"  index job (2 shard tasks)           {index['status']} in {index['seconds']} s")
     print(f"  leftover processes                  {cluster.leftovers or 'none'}")
     shutil.rmtree(work, ignore_errors=True)
