@@ -10,6 +10,7 @@ the launcher's schema, runtime envs by Ray's RuntimeEnv. Nothing here needs a cl
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import re
 import shlex
@@ -111,7 +112,11 @@ def check_serve_config(config: dict) -> None:
     for app in schema.applications:
         module, _, attr = app.import_path.partition(":")
         assert module in job_subcommands() or module == "rdcd.serve", app.import_path
-        assert callable(getattr(__import__(module, fromlist=[attr]), attr)), app.import_path
+        if (
+            str(REPO) not in sys.path
+        ):  # `jobs` is a folder of the checkout, not an installed package
+            sys.path.insert(0, str(REPO))
+        assert callable(getattr(importlib.import_module(module), attr)), app.import_path
         rserve.ServeArgs.model_validate(app.args)  # unknown keys are refused
         rserve.ServeConfig.from_dict(app.args).validate()
         for deployment in app.deployments:
