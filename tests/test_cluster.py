@@ -112,9 +112,8 @@ def check_serve_config(config: dict) -> None:
     for app in schema.applications:
         module, _, attr = app.import_path.partition(":")
         assert module in job_subcommands() or module == "rdcd.serve", app.import_path
-        if (
-            str(REPO) not in sys.path
-        ):  # `jobs` is a folder of the checkout, not an installed package
+        # `jobs` is a folder of the checkout, not an installed package
+        if str(REPO) not in sys.path:
             sys.path.insert(0, str(REPO))
         assert callable(getattr(importlib.import_module(module), attr)), app.import_path
         rserve.ServeArgs.model_validate(app.args)  # unknown keys are refused
