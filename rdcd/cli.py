@@ -180,36 +180,60 @@ def cmd_match(args: argparse.Namespace) -> int:
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="rdcd-demo", help="folder for the demo set and results")
     p.add_argument("--images", help="your own folder of photos instead of the bundled ones")
-    p.add_argument("--model", default="default", help="model to evaluate (default: the student)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="student to start from (default: the shipped one; sscd: the teacher)",
+    )
     p.add_argument("--teacher", help="teacher file: .torchvision.pt, .torchscript.pt or .onnx")
     p.add_argument("--no-teacher", action="store_true", help="skip the teacher comparison")
-    p.add_argument("--copies", type=int, default=2, help="edited copies per reference photo")
+    p.add_argument("--copies", type=int, help="edited copies per reference photo (2)")
+    p.add_argument("--max-photos", type=int, help="sample at most this many photos (300)")
+    p.add_argument("--steps", type=int, help="fine-tune steps (40; 0: no fine-tune)")
+    p.add_argument("--shards", type=int, help="index shards (2)")
+    p.add_argument("--port", type=int, help="HTTP port of the endpoint (default: a free one)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the reduced setting (10 photos, 3 steps, no teacher): about a minute",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rdcd.demo import DemoConfig, run_demo
+    from dataclasses import replace
 
-    cfg = DemoConfig(
-        out=args.out,
-        images=args.images,
-        model=args.model,
-        teacher=args.teacher,
-        copies_per_reference=args.copies,
-        compare_teacher=not args.no_teacher,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    print(f"building a DISC-layout demo set under {cfg.out}/data ...")
-    result = run_demo(cfg)
-    print_metrics(result)
-    if "teacher" in result:
-        t = result["teacher"]
-        print(f"teacher          µAP {_fmt(t['uap'])}, score-normalised {_fmt(t['uap_sn'])}, "
-              f"recall@1 {_fmt(t['recall_at_1'])} ({t['model']['dim']}-d vs "
-              f"{result['model']['dim']}-d; {cfg.out}/eval-teacher/)")  # fmt: skip
-    print(f"results: {cfg.out}/eval/metrics.json, predictions in {cfg.out}/eval/")
+    from rdcd.demo import DemoConfig, report_metrics, run_demo
+
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    given = {"out": args.out, "images": args.images, "model": args.model,
+             "teacher": args.teacher, "copies_per_reference": args.copies,
+             "max_photos": args.max_photos, "train_steps": args.steps, "shards": args.shards,
+             "port": args.port, "seed": args.seed}  # fmt: skip
+    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    if args.no_teacher:
+        cfg = replace(cfg, compare_teacher=False)
+    if args.no_progress:
+        cfg = replace(cfg, progress=False)
+    print(f"rdcd demo: data -> fine-tune -> choose -> embed -> index -> serve -> evaluate -> "
+          f"report, under {os.path.abspath(cfg.out)}", flush=True)  # fmt: skip
+
+    def stage(name: str, what: str) -> None:
+        print(f"[{name}] {what}", flush=True)
+
+    result = run_demo(cfg, on_stage=stage)
+    print()
+    print_metrics(result["evaluation"])
+    for name, m in result["flat_evaluations"].items():
+        served = " (served)" if name == result["served"]["which"] else ""
+        print(f"{name + served:<16} µAP {_fmt(m['uap'])}, score-normalised {_fmt(m['uap_sn'])}, "
+              f"recall@1 {_fmt(m['recall_at_1'])}, {m['dim']}-d (exact search)")  # fmt: skip
+    for label, value in report_metrics(result).items():
+        if label.startswith(("copies", "false", "HTTP")):
+            print(f"{label:<37} {_fmt(value)}")
+    print(f"demo took {result['total_seconds']} s")
+    print(f"report: {result['report']}")
     return 0
 
 
