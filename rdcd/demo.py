@@ -69,6 +69,7 @@ SKIMAGE_PHOTOS = (
 )  # fmt: skip
 MATPLOTLIB_PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
 APP_NAME = "rdcd-demo"
+_WHICH = {"start": "starting student", "fine-tuned": "fine-tuned student"}
 STAGE_DIRS = ("data", "train", "embeddings", "index", "eval", "eval-start", "eval-finetuned",
               "eval-teacher", "report")  # fmt: skip
 HEALTH_TIMEOUT_S = 240.0
@@ -93,7 +94,7 @@ class DemoConfig:
     max_side: int = 1024  # photos are shrunk to this first
     seed: int = 0
     # the fine-tune (0 steps: none)
-    train_steps: int = 40
+    train_steps: int = 30
     train_batch: int = 8
     train_lr: float = 1e-6
     train_freeze: tuple[str, ...] = ("backbone",)
@@ -740,7 +741,7 @@ def _write_report(cfg: DemoConfig, result: dict[str, Any], items: list, predicti
     notes = [
         "Model choice: the starting student and the fine-tuned one were both evaluated on this "
         "set with exact search; the better one (µAP-sn, then µAP, then recall@1; a tie goes to "
-        f"the fine-tuned one) is served: the {served} one. The choice uses the very queries it "
+        f"the fine-tuned one) is served: the {_WHICH[served]}. The choice uses the very queries it "
         "is then measured on, so the served figure is optimistic by that choice.",
         f"Fine-tune: {_stage_note(stages, 'fine-tune')}. On a CPU budget the demo trains "
         "only the heads at a tiny learning rate: the "

@@ -167,17 +167,23 @@ def plot_scores(items: Sequence[GalleryItem], threshold: float, path: str) -> No
 
 
 def plot_training(history: Sequence[dict[str, float]], path: str) -> None:
-    """Loss terms (and their sum) per step, and the student-teacher agreement."""
+    """Loss terms (and their sum) per step, faint, with their running mean over 5 steps, and
+    the student-teacher agreement."""
     steps = [h.get("step", i + 1) for i, h in enumerate(history)]
     fig = _figure(8.0, 3.6)
     ax, ax2 = fig.subplots(1, 2)
     names = {"loss": "total", "loss_con": "L_con (contrastive)", "loss_rel": "L_rel (relational)",
              "loss_hn": "L_hn (hard negative)", "loss_feat": "L_feat (feature)"}  # fmt: skip
     for key, label in names.items():
-        ys = [h.get(key) for h in history]
-        if any(y is not None for y in ys):
-            ax.plot(steps, [math.nan if y is None else y for y in ys], label=label,
-                    lw=2.2 if key == "loss" else 1.2)  # fmt: skip
+        ys = np.array([math.nan if h.get(key) is None else h[key] for h in history], float)
+        if np.isnan(ys).all():
+            continue
+        line = ax.plot(steps, ys, lw=1.0, alpha=0.35)[0]
+        # one batch of a few images is a noisy estimate: the running mean shows the trend
+        w = max(1, min(5, len(ys) // 4))
+        trend = np.convolve(np.nan_to_num(ys), np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1 :], trend, color=line.get_color(), label=label,
+                lw=2.4 if key == "loss" else 1.6)  # fmt: skip
     ax.set(xlabel="step", ylabel="loss", title="Distillation loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
