@@ -264,6 +264,7 @@ def main() -> None:
     ap.add_argument("--singles", type=int, default=100, help="queries timed one at a time")
     ap.add_argument("--nprobes", default="8,16,32,64,128")
     ap.add_argument("--skip-flat-above", type=int, default=1_000_000)
+    ap.add_argument("--settings", help="only these settings, comma-separated (e.g. IVF-SQ8+RFlat)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     import ray
@@ -327,6 +328,8 @@ def main() -> None:
             ("IVF-SQ8+RFlat", f"IVF{nlist},SQ8,RFlat", 1),  # the automatic choice beyond 250k
             ("IVF-SQ8+RFlat x4", f"IVF{nlist},SQ8,RFlat", 4),
         ]
+        if args.settings:
+            settings = [s for s in settings if s[0] in args.settings.split(",")]
         if n > args.skip_flat_above:
             settings = [s for s in settings if s[1] != "Flat"]
         kept = None
