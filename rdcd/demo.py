@@ -69,6 +69,7 @@ SKIMAGE_PHOTOS = (
 )  # fmt: skip
 MATPLOTLIB_PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
 APP_NAME = "rdcd-demo"
+TEACHER_SUFFIXES = (".onnx", ".torchscript.pt", ".torchvision.pt")
 _WHICH = {"start": "starting student", "fine-tuned": "fine-tuned student"}
 STAGE_DIRS = ("data", "train", "embeddings", "index", "eval", "eval-start", "eval-finetuned",
               "eval-teacher", "report")  # fmt: skip
@@ -270,6 +271,10 @@ def _start_model(cfg: DemoConfig) -> str:
     return cfg.model
 
 
+def _is_teacher(spec: str) -> bool:
+    return spec.lower() in TEACHER_NAMES or spec.lower().endswith(TEACHER_SUFFIXES)
+
+
 def train_sizes(n_images: int, batch: int) -> tuple[int, int, int]:
     """(batch, key queue, teacher memory) for a fine-tune on `n_images`: the queue must be a
     multiple of the batch and at most half the images (`list_training_images` refuses more)."""
@@ -278,7 +283,7 @@ def train_sizes(n_images: int, batch: int) -> tuple[int, int, int]:
         raise ValueError(f"a fine-tune needs at least 4 training images, got {n_images}")
     batch = max(2, min(batch, 2 ** int(math.log2(half))))
     queue = batch * min(max(1, half // batch), max(1, 256 // batch))
-    return batch, queue, min(4 * queue, 1024)
+    return batch, queue, min(4 * queue, max(1, 1024 // batch) * batch)
 
 
 def fine_tune(
@@ -288,7 +293,7 @@ def fine_tune(
     the demo set. Returns (the run summary, or None when nothing was trained; why/what)."""
     if cfg.train_steps == 0:
         return None, "skipped (0 steps)"
-    if start.lower() in TEACHER_NAMES:
+    if _is_teacher(start):
         return None, "skipped: the teacher is served, there is no student to fine-tune"
     from rdcd.distill import DistillConfig, list_training_images, local_batches, train
     from rdcd.models import load_model
@@ -582,7 +587,7 @@ def run_demo(cfg: DemoConfig, on_stage: Stage | None = None) -> dict[str, Any]:
         for name, spec in names.items():
             folder = "eval-start" if name == "start" else "eval-finetuned"
             evals[name] = _evaluate(cfg, data, spec, os.path.join(out, folder))
-        if cfg.compare_teacher and start.lower() not in TEACHER_NAMES:
+        if cfg.compare_teacher and not _is_teacher(start):
             try:
                 evals["teacher"] = _evaluate(cfg, data, "sscd", os.path.join(out, "eval-teacher"))
             except ModelError as exc:
@@ -591,7 +596,7 @@ def run_demo(cfg: DemoConfig, on_stage: Stage | None = None) -> dict[str, Any]:
         if "fine-tuned" in evals and _key(evals["fine-tuned"]) >= _key(evals["start"]):
             served = "fine-tuned"
         served_spec = names[served]
-        teacher_served = served_spec.lower() in TEACHER_NAMES
+        teacher_served = _is_teacher(served_spec)
         note["what"] = "serving the teacher" if teacher_served else f"serving the {served} student"
         if "fine-tuned" in evals:
             note["what"] += (f" (µAP-sn start {_key(evals['start'])[0]:.4f}, fine-tuned "
@@ -728,7 +733,7 @@ def _write_report(cfg: DemoConfig, result: dict[str, Any], items: list, predicti
     for name, m in result["flat_evaluations"].items():
         role = {"start": "starting student", "fine-tuned": "fine-tuned here",
                 "teacher": "SSCD teacher"}[name]  # fmt: skip
-        if name == "start" and result["served"]["spec"].lower() in TEACHER_NAMES:
+        if name == "start" and _is_teacher(result["served"]["spec"]):
             role = "SSCD teacher"
         models.append({
             "model": f"{role} ({m['model']}, {m['dim']}-d)",
@@ -738,14 +743,25 @@ def _write_report(cfg: DemoConfig, result: dict[str, Any], items: list, predicti
             "recall@1": m["recall_at_1"], "fingerprint": (m["fingerprint"] or "")[:12],
         })  # fmt: skip
     ev = result["evaluation"]
+    if result["fine_tune"] is not None:
+        choice = (
+            "Model choice: the starting student and the fine-tuned one were both evaluated on "
+            "this set with exact search; the better one (µAP-sn, then µAP, then recall@1; a tie "
+            f"goes to the fine-tuned one) is served: the {_WHICH[served]}. The choice uses the "
+            "very queries it is then measured on, so the served figure is optimistic by that "
+            "choice."
+        )
+        tuned = (
+            f"Fine-tune: {_stage_note(stages, 'fine-tune')}. On a CPU budget the demo trains "
+            "only the heads at a tiny learning rate: the default student's whitened head makes "
+            "larger SGD steps destructive (see README, rdcd demo)."
+        )
+    else:
+        choice = f"No fine-tune ran, so the starting model ({result['served']['spec']}) is served."
+        tuned = f"Fine-tune: {_stage_note(stages, 'fine-tune')}."
     notes = [
-        "Model choice: the starting student and the fine-tuned one were both evaluated on this "
-        "set with exact search; the better one (µAP-sn, then µAP, then recall@1; a tie goes to "
-        f"the fine-tuned one) is served: the {_WHICH[served]}. The choice uses the very queries it "
-        "is then measured on, so the served figure is optimistic by that choice.",
-        f"Fine-tune: {_stage_note(stages, 'fine-tune')}. On a CPU budget the demo trains "
-        "only the heads at a tiny learning rate: the "
-        "default student's whitened head makes larger SGD steps destructive (see README).",
+        choice,
+        tuned,
         f"Index and exact search agree: µAP-sn through the index {_fmt(ev.get('uap_sn'))}, "
         f"with exact search {_fmt(flat.get('uap_sn'))}; µAP {_fmt(ev['uap'])} and "
         f"{_fmt(flat['uap'])}.",
