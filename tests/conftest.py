@@ -107,3 +107,36 @@ def random_sscd_teacher(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("teacher") / "sscd_random.torchvision.pt"
     torch.save(SSCDResNet50().state_dict(), path)
     return str(path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve_app(cfg, timeout_s: float = 180.0) -> str:
+    """Start Serve on 127.0.0.1:`cfg.port`, run the rdcd app of `cfg` and wait (bounded) until
+    `/v1/health` answers 200. Returns the base URL; the caller shuts Serve down."""
+    import time
+
+    import requests
+    from ray import serve
+
+    from rdcd.serve import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+    serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{cfg.port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                return url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the Serve app did not become healthy within {timeout_s:.0f} s")

@@ -11,14 +11,13 @@ from __future__ import annotations
 import csv
 import os
 import random
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import torch
+from conftest import free_port, start_serve_app
 from PIL import Image
 
 from rdcd import io as rio
@@ -41,12 +40,6 @@ K = 5
 # Serve holds 1.25 of the 2 test CPUs while matching runs; the embed job sizes its actor from the
 # cluster's total CPUs, so it is given a share that fits what is left.
 SMALL_ACTOR = ("--actors", "1", "--cpus-per-actor", "0.5")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _embed_run(model, paths: list[str], out: Path, shard_size: int) -> str:
@@ -77,7 +70,7 @@ def world(ray_local, tmp_path_factory):
 
     from rdcd.index import IndexConfig, build_index
     from rdcd.models.resolve import load_model
-    from rdcd.serve import ServeConfig, build_app
+    from rdcd.serve import ServeConfig
 
     photos = sorted(bundled_photos())
     if len(photos) < N_REFS + N_UNRELATED + N_BACKGROUND:
@@ -117,22 +110,10 @@ def world(ray_local, tmp_path_factory):
     root = str(tmp / "index")
     build_index(IndexConfig(embeddings=runs["refs"], out=root, shards=2, background=runs["bg"],
                             task_cpus=0.5))  # fmt: skip
-    port = _free_port()
+    port = free_port()
     cfg = ServeConfig(index=root, model="default", port=port, embedder_cpus=0.5,
                       name="rdcd-match-test", poll_interval_s=5.0)  # fmt: skip
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("the Serve app did not become healthy within 180 s")
+    url = start_serve_app(cfg, timeout_s=180)
     yield {"disc": disc, "root": root, "url": url, "queries": queries, "tmp": tmp,
            "model": model, "emb": str(tmp / "query-embeddings")}  # fmt: skip
     serve.shutdown()

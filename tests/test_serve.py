@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from conftest import free_port, start_serve_app
 from PIL import Image
 
 from rdcd.decode import load_for_model
@@ -29,12 +29,6 @@ N_NEW = 4  # references only the second version holds
 N_BACKGROUND = 16
 TOKEN = "s3cret-token-for-tests"
 TOKEN_ENV = "RDCD_TEST_SERVE_TOKEN"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
@@ -85,7 +79,7 @@ def served(ray_local, photos, tmp_path_factory):
 
     from rdcd.index import IndexConfig, build_index
     from rdcd.models.resolve import load_model
-    from rdcd.serve import ServeConfig, build_app
+    from rdcd.serve import ServeConfig
 
     if len(photos) < N_REFS + N_NEW + N_BACKGROUND + 4:
         pytest.skip("not enough shared photos")
@@ -102,7 +96,7 @@ def served(ray_local, photos, tmp_path_factory):
     build_index(
         IndexConfig(embeddings=runs["v1"], out=root, shards=2, background=runs["bg"], task_cpus=0.5)
     )
-    port = _free_port()
+    port = free_port()
     os.environ[TOKEN_ENV] = TOKEN
     cfg = ServeConfig(
         index=root,
@@ -114,19 +108,7 @@ def served(ray_local, photos, tmp_path_factory):
         max_upload_bytes=2_000_000,
         name="rdcd-test",
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("the Serve app did not become healthy within 120 s")
+    url = start_serve_app(cfg, timeout_s=120)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {TOKEN}"
     yield {
@@ -267,7 +249,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_cli_serves_and_sigterm_leaves_no_process(served, tmp_path):
     """`rdcd serve` starts its own Ray, serves, and on SIGTERM stops all it started."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TOKEN_ENV)}
     proc = subprocess.Popen(
         [
