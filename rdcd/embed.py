@@ -183,7 +183,9 @@ class ActorPlan:
     device: str
 
 
-def plan_actors(cfg: EmbedJobConfig, cpus: float, gpus: float) -> ActorPlan:
+def plan_actors(
+    cfg: EmbedJobConfig, cpus: float, gpus: float, free_cpus: float | None = None
+) -> ActorPlan:
     """Size the actor pool for a cluster with `cpus` CPUs and `gpus` GPUs.
 
     On CPU the model is the bottleneck (15-25x slower than decoding), so actors take most cores
@@ -191,6 +193,11 @@ def plan_actors(cfg: EmbedJobConfig, cpus: float, gpus: float) -> ActorPlan:
     job hangs. On GPU, one actor per GPU with a core to feed it. With explicit `actors` and
     `gpus_per_actor` the pool may outgrow the cluster as it is now (GPU workers that scale from
     zero, cluster/aws.yaml): Ray's autoscaler starts nodes for the pending actors.
+
+    `free_cpus` (Ray's available CPUs) sizes a CPU pool from what other work (a Serve app,
+    another job) leaves free: a pool sized from the total would wait for CPUs that are never
+    released, and the job would hang. A default plan that does not fit the free CPUs is refused
+    with the numbers; an explicit `actors`/`cpus_per_actor` plan is kept and waits for them.
     """
     gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
     if gpa > 0:
@@ -209,10 +216,23 @@ def plan_actors(cfg: EmbedJobConfig, cpus: float, gpus: float) -> ActorPlan:
                      actors, gpa, gpus)  # fmt: skip
             return plan
     else:
-        headroom = max(2 * cfg.decode_cpus, cpus / 8)
-        cpa = cfg.cpus_per_actor or max(0.5, min(4.0, cpus - headroom))
-        actors = cfg.actors or max(1, int((cpus - headroom) // cpa))
+        room = cpus if free_cpus is None else max(0.0, min(cpus, free_cpus))
+        headroom = max(2 * cfg.decode_cpus, room / 8)
+        cpa = cfg.cpus_per_actor or max(0.5, min(4.0, room - headroom))
+        actors = cfg.actors or max(1, int((room - headroom) // cpa))
         plan = ActorPlan(actors, cpa, 0.0, max(1, math.ceil(cpa)), "cpu")
+        need = actors * cpa + cfg.decode_cpus
+        if free_cpus is not None and need > free_cpus + 1e-9 and need <= cpus + 1e-9:
+            if not (cfg.actors or cfg.cpus_per_actor):
+                raise ValueError(
+                    f"only {free_cpus:g} of the Ray cluster's {cpus:g} CPUs are free (a Serve "
+                    f"app or another job holds the rest); the smallest pool needs {need:g} "
+                    "(one actor of 0.5 CPU plus decoding). Free some CPUs, or give --actors "
+                    "and --cpus-per-actor to wait for them"
+                )
+            log.warning("%d actor(s) x %g CPU + %g for decoding > %g free CPUs: the job "
+                        "waits until other work frees them", actors, cpa, cfg.decode_cpus,
+                        free_cpus)  # fmt: skip
     if plan.actors * plan.cpus_per_actor + cfg.decode_cpus > cpus + 1e-9:
         raise ValueError(
             f"{plan.actors} actor(s) x {plan.cpus_per_actor:g} CPU plus {cfg.decode_cpus:g} CPU "
@@ -447,8 +467,9 @@ def _execute(
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING)  # honours RAY_ADDRESS
-    resources = ray.cluster_resources()
-    plan = plan_actors(cfg, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)))
+    resources, free = ray.cluster_resources(), ray.available_resources()
+    plan = plan_actors(cfg, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)),
+                       free_cpus=float(free.get("CPU", 0)))  # fmt: skip
     log.info("actor plan: %s", plan)
     total = len(manifest)
     expected = {}

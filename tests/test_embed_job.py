@@ -245,6 +245,23 @@ def test_plan_leaves_cpu_for_decode_tasks():
         plan_actors(EmbedJobConfig(images="x", out="y", gpus_per_actor=1), 2, 0)
 
 
+def test_plan_sizes_from_free_cpus():
+    """A Serve app holding CPUs: the pool fits what is free, or the job is refused, never hung."""
+    cfg = EmbedJobConfig(images="x", out="y")
+    quiet = plan_actors(cfg, cpus=2, gpus=0, free_cpus=2)
+    assert quiet == plan_actors(cfg, cpus=2, gpus=0)
+    busy = plan_actors(cfg, cpus=16, gpus=0, free_cpus=6)
+    assert busy.actors * busy.cpus_per_actor + cfg.decode_cpus <= 6
+    full = plan_actors(cfg, cpus=16, gpus=0, free_cpus=16)
+    assert busy.actors * busy.cpus_per_actor < full.actors * full.cpus_per_actor
+    small = plan_actors(cfg, cpus=2, gpus=0, free_cpus=1.0)
+    assert (small.actors, small.cpus_per_actor) == (1, 0.5)
+    with pytest.raises(ValueError, match="only 0.5 of the Ray cluster's 2 CPUs are free"):
+        plan_actors(cfg, cpus=2, gpus=0, free_cpus=0.5)
+    explicit = EmbedJobConfig(images="x", out="y", actors=1, cpus_per_actor=1.0)
+    assert plan_actors(explicit, cpus=2, gpus=0, free_cpus=0.5).actors == 1  # waits, as asked
+
+
 def _identity(precision: str = "fp32") -> store.RunIdentity:
     return store.RunIdentity("f" * 64, "student:test/4", 4, 64, precision, 3)
 
