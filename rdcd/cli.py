@@ -11,9 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from rdcd.decode import DecodeError
+from rdcd.errors import ModelError
 from rdcd.io import StorageError
 from rdcd.metrics import MetricError
-from rdcd.models.embedder import ModelError
 
 USER_ERRORS = (StorageError, ModelError, DecodeError, MetricError, ValueError, FileNotFoundError)
 

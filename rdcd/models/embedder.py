@@ -17,14 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from rdcd.errors import ModelError  # noqa: F401 - re-exported: models raise it
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ModelError(RuntimeError):
-    """A model that cannot be loaded or used: missing, corrupt, or mismatched."""
 
 
 def preprocessing_fingerprint(parts: dict[str, Any]) -> bytes:
