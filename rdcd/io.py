@@ -117,6 +117,13 @@ def arrow_filesystem(uri: str):  # -> tuple[pyarrow.fs.FileSystem, str]
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
+    # Explicit keys travel with the filesystem when Ray pickles it to workers (Ray Train uploads
+    # checkpoints from there), where the driver's environment is not set.
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
 
 

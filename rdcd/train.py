@@ -99,6 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg = DistillConfig.from_dict(config["distill"])
+    os.environ.update(config.get("aws", {}))  # the driver's S3 settings, for progress.json
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
@@ -168,8 +169,11 @@ def build_dataset(cfg: DistillConfig, uris: list[str], start_step: int):
     ds = ray.data.from_items(
         items, override_num_blocks=max(1, len(items) // (cfg.global_batch * 2))
     )
+    # Tasks and actors read S3 (images, a teacher file) with the driver's AWS settings.
+    aws = _aws_env()
+    env = {"runtime_env": {"env_vars": aws}} if aws else {}
     ds = ds.map_batches(view_batch, fn_kwargs={"config": cfg.to_dict()}, batch_size=cfg.batch_size,
-                        num_cpus=cfg.view_cpus)  # fmt: skip
+                        num_cpus=cfg.view_cpus, **env)  # fmt: skip
     return ds.map_batches(
         TeacherFeatures,
         fn_constructor_kwargs={"spec": cfg.teacher, "teacher_path": cfg.teacher_path,
@@ -177,8 +181,12 @@ def build_dataset(cfg: DistillConfig, uris: list[str], start_step: int):
                                "device": "cuda" if cfg.teacher_gpus > 0 else "cpu"},
         batch_size=cfg.batch_size, num_cpus=cfg.teacher_cpus,
         compute=ray.data.ActorPoolStrategy(size=cfg.teacher_actors),
-        num_gpus=cfg.teacher_gpus,
+        num_gpus=cfg.teacher_gpus, **env,
     )  # fmt: skip
+
+
+def _aws_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in rio.AWS_ENV if os.environ.get(k)}
 
 
 def fitted_start(
@@ -228,7 +236,7 @@ def run_training(cfg: DistillConfig) -> dict:
         return finish(cfg, None, time.perf_counter() - t0, 0, len(uris))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"distill": cfg.to_dict()},
+        train_loop_config={"distill": cfg.to_dict(), "aws": _aws_env()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},

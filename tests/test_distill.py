@@ -215,3 +215,81 @@ def test_ray_train_two_workers_checkpoint_export_resume(ray_local, random_sscd_t
     second = run_training(replace(cfg, steps=4))
     assert second["resumed_from"] == 2 and second["steps"] == 4
     assert [h["step"] for h in second["history"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_ray_train_checkpoints_and_exports_to_s3(ray_local, random_sscd_teacher, s3_bucket,
+                                                 request):  # fmt: skip
+    """`--out s3://...`: Ray Train uploads checkpoints there from its workers (whose environment
+    lacks the driver's AWS settings), the student is exported there, and a re-run would resume."""
+    from rdcd import io as rio
+    from rdcd.train import _resume_step, run_training
+
+    out = f"s3://{s3_bucket}/runs/tiny"
+    cfg = tiny(images=_images_dir(request), out=out, teacher=random_sscd_teacher, workers=1,
+               cpus_per_worker=0.5, steps=2, max_images=16)  # fmt: skip
+    first = run_training(cfg)
+    assert first["steps"] == 2 and first["resumed_from"] == 0
+    saved = [f.uri for f in rio.list_files(f"{out}/ray", None)]
+    assert any("/checkpoint_" in u and u.endswith("/state.pt") for u in saved), saved
+    assert load_model(f"{out}/student.pt").fingerprint == first["fingerprint"]
+    assert _resume_step(cfg) == 2  # a re-run would resume (as the local-storage test checks)
+
+
+def _kill_one_train_worker() -> int | None:
+    """SIGKILL one Ray Train worker process (Ray titles them `ray::RayTrainWorker...`)."""
+    import signal
+    from pathlib import Path
+
+    for proc in sorted(Path("/proc").glob("[0-9]*")):
+        try:
+            title = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if title.startswith(b"ray::RayTrainWorker"):
+            os.kill(int(proc.name), signal.SIGKILL)
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker through /proc")
+def test_ray_train_restarts_a_killed_worker_from_its_checkpoint(ray_local, random_sscd_teacher,
+                                                                tmp_path, request):  # fmt: skip
+    """A worker killed mid-run: `FailureConfig` restarts the workers from the last checkpoint
+    and the run ends at its last step with every step logged once."""
+    import threading
+    import time
+
+    from rdcd.train import run_training
+
+    cfg = tiny(images=_images_dir(request), out=str(tmp_path / "run"), teacher=random_sscd_teacher,
+               workers=2, cpus_per_worker=0.5, steps=20, checkpoint_every=2, max_images=16,
+               max_failures=1)  # fmt: skip
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = run_training(cfg)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    progress = tmp_path / "run" / "progress.json"
+    deadline = time.monotonic() + 300
+    step = 0
+    while time.monotonic() < deadline and thread.is_alive() and step < 2:
+        time.sleep(0.1)
+        try:
+            step = json.loads(progress.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            pass
+    assert 2 <= step < cfg.steps, f"no checkpoint to restart from, or the run ended (step {step})"
+    assert _kill_one_train_worker() is not None, "no Ray Train worker process found"
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the run did not finish after the worker was killed"
+    assert "error" not in box, box.get("error")
+    result = box["result"]
+    assert result["steps"] == cfg.steps
+    assert [h["step"] for h in result["history"]] == list(range(1, cfg.steps + 1))
