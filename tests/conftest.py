@@ -109,6 +109,26 @@ def random_sscd_teacher(tmp_path_factory) -> str:
     return str(path)
 
 
+def make_tiny_student(path, seed: int = 0, dim: int = 64) -> str:
+    """A random MobileNetV3-small student at 64 px: a real checkpoint, milliseconds per batch."""
+    import torch
+
+    from rdcd.models.checkpoint import save_checkpoint
+    from rdcd.models.student import StudentConfig, StudentNet
+
+    torch.manual_seed(seed)
+    net = StudentNet(StudentConfig(backbone="mobilenetv3_small_050", dim=dim, image_size=64))
+    save_checkpoint(net, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory) -> str:
+    """A small random student: exercises a pipeline fast, without the teacher, and is another
+    model than `default` for the fingerprint refusals."""
+    return make_tiny_student(tmp_path_factory.mktemp("student") / "tiny.pt")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_tiny_student
 from PIL import Image
 from test_decode import _png_bomb, _save  # the hostile-image generators of the decoder tests
 
@@ -37,19 +38,6 @@ from rdcd.embed import (
 
 REPO = Path(__file__).resolve().parents[1]
 N_PHOTOS, SHARD, BATCH = 12, 6, 3
-
-
-def _tiny_student(path: Path, seed: int) -> str:
-    """A random MobileNetV3-small student at 64 px: a real checkpoint, milliseconds per batch."""
-    import torch
-
-    from rdcd.models.checkpoint import save_checkpoint
-    from rdcd.models.student import StudentConfig, StudentNet
-
-    torch.manual_seed(seed)
-    net = StudentNet(StudentConfig(backbone="mobilenetv3_small_050", dim=32, image_size=64))
-    save_checkpoint(net, str(path))
-    return str(path)
 
 
 def hostile_files(photo: Image.Image) -> dict[str, tuple[bytes, str | None]]:
@@ -78,7 +66,10 @@ def hostile_files(photo: Image.Image) -> dict[str, tuple[bytes, str | None]]:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("models")
-    return {"a": _tiny_student(d / "a.pt", 0), "b": _tiny_student(d / "b.pt", 1)}
+    return {
+        "a": make_tiny_student(d / "a.pt", 0, dim=32),
+        "b": make_tiny_student(d / "b.pt", 1, dim=32),
+    }
 
 
 @pytest.fixture(scope="module")

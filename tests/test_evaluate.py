@@ -7,25 +7,12 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from rdcd import io as rio
 from rdcd.cli import main
 from rdcd.demo import build_demo_set, bundled_photos
 from rdcd.evaluate import EvalConfig, LayoutError, evaluate, resolve_layout
 from rdcd.metrics import micro_average_precision, read_ground_truth, read_predictions
-from rdcd.models.checkpoint import save_checkpoint
-from rdcd.models.student import StudentConfig, StudentNet
-
-
-@pytest.fixture(scope="module")
-def tiny_student(tmp_path_factory) -> str:
-    """A small random student: exercises the pipeline fast, without the teacher."""
-    torch.manual_seed(0)
-    net = StudentNet(StudentConfig(backbone="mobilenetv3_small_050", dim=64, image_size=64))
-    path = str(tmp_path_factory.mktemp("student") / "tiny.pt")
-    save_checkpoint(net, path)
-    return path
 
 
 def _source_photos(request) -> list[str]:

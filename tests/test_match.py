@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 from conftest import free_port, start_serve_app
 from PIL import Image
 
@@ -208,23 +207,11 @@ def test_match_from_s3(world, s3_bucket, tmp_path):
         assert np.allclose([s for _, s in remote[q]], [s for _, s in here[q]], atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def other_student(tmp_path_factory) -> str:
-    from rdcd.models.checkpoint import save_checkpoint
-    from rdcd.models.student import StudentConfig, StudentNet
-
-    torch.manual_seed(0)
-    net = StudentNet(StudentConfig(backbone="mobilenetv3_small_050", dim=64, image_size=64))
-    path = str(tmp_path_factory.mktemp("other") / "other.pt")
-    save_checkpoint(net, path)
-    return path
-
-
-def test_match_refuses_another_model_before_embedding(world, other_student, tmp_path, capsys):
+def test_match_refuses_another_model_before_embedding(world, tiny_student, tmp_path, capsys):
     out = tmp_path / "preds.csv"
     emb = tmp_path / "emb"
     code = main(["match", "--queries", str(world["disc"] / "queries"), "--index", world["root"],
-                 "--model", other_student, "--out", str(out), "--embeddings", str(emb),
+                 "--model", tiny_student, "--out", str(out), "--embeddings", str(emb),
                  "--no-progress"])  # fmt: skip
     assert code == 2
     err = capsys.readouterr().err
@@ -298,8 +285,8 @@ def test_evaluate_through_exact_index_equals_flat(world, tmp_path, capsys):
         evaluate(EvalConfig(disc_root=disc, index=world["root"], whiten=True, model="default"))
 
 
-def test_evaluate_index_refuses_another_model(world, other_student, tmp_path, capsys):
-    code = main(["evaluate", "--disc-root", str(world["disc"]), "--model", other_student,
+def test_evaluate_index_refuses_another_model(world, tiny_student, tmp_path, capsys):
+    code = main(["evaluate", "--disc-root", str(world["disc"]), "--model", tiny_student,
                  "--index", world["root"], "--out", str(tmp_path / "e")])  # fmt: skip
     assert code == 2
     assert "built from model" in capsys.readouterr().err
