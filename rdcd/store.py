@@ -366,29 +366,69 @@ def remove_stale_temporaries(out: str) -> int:
 # ---- readers --------------------------------------------------------------------------------
 
 
-def _read_table(out: str, rel: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(rio.read_bytes(rio.join(out, *rel.split("/")))))
+# The commit keys that record each committed file's size and digest.
+_DIGEST_KEYS = {
+    "shard": ("shard_bytes", "shard_sha256"),
+    "errors_file": ("errors_bytes", "errors_sha256"),
+}
 
 
-def _check_commit(out: str, commit: dict[str, Any], table: pa.Table, key: str) -> None:
+def _damaged(out: str, commit: dict[str, Any], uri: str, what: str) -> StoreError:
+    """One line naming the part file, why it is refused and how to get it back: the index builder
+    and evaluation must not go on with descriptors other than the ones that were committed."""
+    commit_uri = rio.join(out, COMMITS_DIR, f"{part_name(int(commit['part']))}.json")
+    return StoreError(
+        f"{uri}: {what}; refusing to read it. To re-embed that part, delete its commit record "
+        f"{commit_uri} and re-run `rdcd embed` with the same --out"
+    )
+
+
+def _read_table(out: str, commit: dict[str, Any], key: str) -> pa.Table:
+    """Read the file `commit[key]` once, check its size and sha256 against the commit, then parse.
+
+    Row counts and metadata alone miss an edited file with the same number of rows (id 50 holding
+    id 51's vector would be indexed silently), so the bytes themselves are checked. Any parse
+    failure becomes one `StoreError` naming the file, not a pyarrow traceback without a path."""
+    uri = rio.join(out, *commit[key].split("/"))
+    try:
+        data = rio.read_bytes(uri)
+    except rio.StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise _damaged(out, commit, uri, "committed, but the file is missing") from exc
+        raise  # S3 access, credentials: not damage, and the message already says what to fix
+    size_key, sha_key = _DIGEST_KEYS[key]
+    if size_key in commit and len(data) != int(commit[size_key]):
+        what = f"{len(data)} bytes, its commit says {int(commit[size_key])}"
+        raise _damaged(out, commit, uri, f"{what} (truncated or modified after it was committed)")
+    if sha_key in commit and hashlib.sha256(data).hexdigest() != commit[sha_key]:
+        what = "its sha256 differs from its commit's (modified after it was committed)"
+        raise _damaged(out, commit, uri, what)
+    if sha_key not in commit:
+        log.debug("%s: its commit records no sha256; checking rows and metadata only", uri)
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for damaged files
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        what = f"not a readable Parquet file ({type(exc).__name__}: {reason})"
+        raise _damaged(out, commit, uri, what) from exc
     expected = commit["embedded"] if key == "shard" else commit["errors"]
     if table.num_rows != expected:
-        raise StoreError(
-            f"{out}: {commit[key]} has {table.num_rows} rows, its commit says {expected} "
-            "(the file was modified after it was committed)"
-        )
+        what = f"{table.num_rows} rows, its commit says {expected} (modified after its commit)"
+        raise _damaged(out, commit, uri, what)
+    return table
 
 
 def read_part(out: str, commit: dict[str, Any]) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """`(ids, uris, float32 embeddings)` of one committed part, checked against its commit.
+    """`(ids, uris, float32 embeddings)` of one committed part, checked against its commit (size,
+    sha256, rows, fingerprint): a part edited or damaged after its commit raises `StoreError`.
 
     The index builder reads parts one by one in parallel tasks, so no process has to hold a
     whole run."""
-    table = _read_table(out, commit["shard"])
-    _check_commit(out, commit, table, "shard")
+    table = _read_table(out, commit, "shard")
     found = (table.schema.metadata or {}).get(META_FINGERPRINT.encode(), b"").decode()
     if found != commit["fingerprint"]:
-        raise StoreError(f"{out}: {commit['shard']} has another model's fingerprint")
+        uri = rio.join(out, *commit["shard"].split("/"))
+        raise _damaged(out, commit, uri, "it holds another model's fingerprint")
     dim = int(commit["dim"])
     flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return (
@@ -476,8 +516,7 @@ def read_errors(out: str) -> list[tuple[int, str, str]]:
     """`(id, uri, reason)` of every committed image that was not embedded, sorted by id."""
     rows: list[tuple[int, str, str]] = []
     for commit in committed_parts(out).values():
-        table = _read_table(out, commit["errors_file"])
-        _check_commit(out, commit, table, "errors_file")
+        table = _read_table(out, commit, "errors_file")
         rows += zip(
             table.column("id").to_pylist(),
             table.column("uri").to_pylist(),
