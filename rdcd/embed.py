@@ -489,8 +489,11 @@ def _execute(
     # A decoded group is batch_size x size^2 x 3 bytes; small blocks keep the pipeline streaming.
     ctx.target_max_block_size = max(8 * 1024**2, 2 * cfg.batch_size * size * size * 3)
     # Workers read S3 with the driver's AWS settings (endpoint, keys) when it has any: Ray
-    # workers may have been started before they were set, or on machines that lack them.
-    aws = {k: os.environ[k] for k in rio.AWS_ENV if os.environ.get(k)}
+    # workers may have been started before they were set, or on machines that lack them. The
+    # TorchScript opt-in travels the same way to the model actors.
+    from rdcd.models.teacher import trust_env
+
+    aws = {k: os.environ[k] for k in rio.AWS_ENV if os.environ.get(k)} | trust_env()
     env: dict[str, Any] = {"runtime_env": {"env_vars": aws}} if aws else {}
     writer = _PartWriter(cfg.out, identity)
     bar = tqdm(total=n_images, desc="embedded", unit="img", disable=not cfg.progress)

@@ -43,6 +43,7 @@ from rdcd.distill import (
     train_step,
 )
 from rdcd.models.embedder import Embedder
+from rdcd.models.teacher import trust_env
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,8 @@ def build_dataset(cfg: DistillConfig, uris: list[str], start_step: int):
 
 
 def _aws_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in rio.AWS_ENV if os.environ.get(k)}
+    """The driver's S3 settings, and its TorchScript opt-in, for tasks, actors and workers."""
+    return {k: os.environ[k] for k in rio.AWS_ENV if os.environ.get(k)} | trust_env()
 
 
 def fitted_start(

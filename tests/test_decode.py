@@ -153,3 +153,62 @@ def test_draft_keeps_size_above_target(photo):
     assert 288 <= min(out.size) < 1600  # decoded at a reduced DCT scale, still >= target
     arr = load_for_model(data, 288)
     assert arr.shape == (288, 288, 3) and arr.dtype == np.uint8
+
+
+def test_full_decode_budget_refuses_a_flat_png_a_jpeg_of_its_size_passes():
+    """The reported attack: a ~0.3 MB 7999x7999 PNG under the 64 MP bomb limit cost 1.6 s and
+    +0.8 GB per request. PNG is decoded in full, so it must fit the model's decode budget; a JPEG
+    of the same pixel count is decoded at 1/8 scale and passes; a 24 MP photo PNG still passes."""
+    config = DecodeConfig()
+    assert config.pixel_budget(288) == 25_000_000  # the floor: a 288 px model
+    assert config.pixel_budget(448) == 256 * 448 * 448  # grows with the model's input
+    assert config.pixel_budget(1024) == config.pixel_budget(None) == config.max_pixels
+    flat = Image.new("L", (7999, 7999), 200)
+    png = _save(flat, "PNG", compress_level=1)
+    assert len(png) < 500_000 and 7999 * 7999 < config.max_pixels
+    with pytest.raises(DecodeError, match="exceeds") as refused:  # "exceeds": HTTP 413
+        load_for_model(png, 288, config)
+    assert "PNG" in refused.value.reason and "budget" in refused.value.reason
+    arr = load_for_model(_save(flat, "JPEG", quality=80), 288, config)
+    assert arr.shape == (288, 288, 3) and abs(int(arr.mean()) - 200) <= 2
+    del flat
+    phone = _save(Image.new("L", (6000, 4000), 90), "PNG", compress_level=1)  # a 24 MP camera
+    assert load_for_model(phone, 288, config).shape == (288, 288, 3)
+    # the budget counts pixels decoded, so a smaller model budget refuses the 24 MP PNG too
+    with pytest.raises(DecodeError, match="exceeds"):
+        load_for_model(phone, 288, DecodeConfig(decode_budget_pixels=12_000_000))
+
+
+@pytest.mark.parametrize(
+    "fmt,name",
+    [("EPS", "EPS"), ("ICO", "ICO"), ("PCX", "PCX"), ("SGI", "SGI"), ("PPM", "Netpbm"),
+     ("PDF", "PDF"), ("TGA", None), ("SPIDER", None)],
+)  # fmt: skip
+def test_formats_outside_the_allow_list_are_refused(fmt, name):
+    """Only the plug-ins of ALLOWED_FORMATS parse untrusted bytes; PIL opened (and, for EPS,
+    handed to Ghostscript) every format it knows. A refusal says "not an image" (HTTP 415)."""
+    data = _save(Image.new("RGB", (40, 30), (10, 200, 30)), fmt)  # EPS: no Ghostscript to write
+    with pytest.raises(DecodeError, match="^not an image: ") as refused:
+        load_for_model(data, 32)
+    if name is not None:
+        assert f"unsupported image format {name}" in refused.value.reason
+    assert "accepted: JPEG" in refused.value.reason
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF"])
+def test_every_allowed_format_decodes(fmt):
+    img = Image.new("RGB", (64, 48), (10, 200, 30))
+    kw = {"save_all": True, "append_images": [img]} if fmt == "MPO" else {}
+    arr = load_for_model(_save(img, fmt, **kw), 32)
+    assert arr.shape == (32, 32, 3)
+    assert np.abs(arr[16, 16].astype(int) - (10, 200, 30)).max() <= 4
+
+
+def test_mpo_phone_photo_is_drafted_like_a_jpeg():
+    """Phones write MPO (a JPEG with extra frames) as `.jpg`: it gets JPEG's reduced-scale
+    decode too, rather than a full decode of every pixel."""
+    img = Image.new("RGB", (4000, 3000), (10, 200, 30))
+    data = _save(img, "MPO", save_all=True, append_images=[img])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    out = decode_image(data, size=288)
+    assert out.size == (500, 375)  # 1/8 scale, still covering 288 x 288

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from rdcd.models import ModelError, load_model
 from rdcd.models.checkpoint import load_student, parse_checkpoint, save_checkpoint
 from rdcd.models.resolve import TEACHER_ENV, resolve_teacher_uri
 from rdcd.models.student import StudentConfig, StudentNet
-from rdcd.models.teacher import SSCDResNet50, load_teacher
+from rdcd.models.teacher import TRUST_TORCHSCRIPT_ENV, SSCDResNet50, load_teacher
 
 
 def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -92,6 +94,45 @@ def test_tampered_and_corrupt_checkpoints(student, tmp_path):
         load_student(str(tmp_path / "missing.pt"))
 
 
+def _forge(path, out, **config) -> str:
+    """What a hostile file does: rewrite config fields and recompute the fingerprint to match, so
+    only the bounds on the config, not the fingerprint check, stand between it and the loader."""
+    from rdcd.models.checkpoint import fingerprint_of
+
+    payload = torch.load(path, weights_only=True)
+    payload["config"].update(config)
+    forged = StudentConfig(**{**payload["config"], "mean": tuple(payload["config"]["mean"]),
+                              "std": tuple(payload["config"]["std"])})  # fmt: skip
+    payload["fingerprint"] = fingerprint_of(payload["state_dict"], forged)
+    torch.save(payload, out)
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("image_size", 20000), ("image_size", 8), ("gem_p", 1e6), ("std", [0.0, 0.0, 0.0]),
+     ("mean", [50.0, 0.5, 0.5]), ("backbone", "local-dir:/nonexistent")],
+)  # fmt: skip
+def test_checkpoint_config_out_of_bounds_is_refused(tmp_path, field, value):
+    """The fingerprint covers the config, but whoever edits the file recomputes it: a checkpoint
+    claiming image_size=20000 loaded and sized every decode and input tensor by it."""
+    from conftest import make_tiny_student
+
+    path = make_tiny_student(tmp_path / "tiny.pt")
+    assert load_student(path).image_size == 64
+    forged = _forge(path, tmp_path / "forged.pt", **{field: value})
+    with pytest.raises(ModelError, match=f"forged.pt: refused checkpoint config: {field}"):
+        load_student(forged)
+    with pytest.raises(ModelError, match=field):
+        load_model(forged)
+    naive = tmp_path / "naive.pt"  # an edit without a new fingerprint: refused by the bound too
+    payload = torch.load(path, weights_only=True)
+    payload["config"][field] = value
+    torch.save(payload, naive)
+    with pytest.raises(ModelError, match=f"naive.pt: refused checkpoint config: {field}"):
+        load_student(str(naive))
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("this must never run",))
@@ -138,8 +179,9 @@ def test_sscd_state_dict_keys_match_meta_layout(sscd_files):
     assert model.state_dict()["backbone.fc.weight"].shape == (512, 2048)
 
 
-def test_sscd_torchvision_and_torchscript_agree(sscd_files):
+def test_sscd_torchvision_and_torchscript_agree(sscd_files, monkeypatch):
     model, tv, ts = sscd_files
+    monkeypatch.setenv(TRUST_TORCHSCRIPT_ENV, "1")  # a file this test wrote
     a, b = load_teacher(tv, device="cpu"), load_teacher(ts, device="cpu")
     assert a.dim == b.dim == 512 and a.image_size == 288
     imgs = _images(2, 288, seed=3)
@@ -149,7 +191,7 @@ def test_sscd_torchvision_and_torchscript_agree(sscd_files):
     assert a.fingerprint != b.fingerprint  # different files, different prints
 
 
-def test_sscd_state_dict_variants(sscd_files, tmp_path):
+def test_sscd_state_dict_variants(sscd_files, tmp_path, monkeypatch):
     model, tv, _ = sscd_files
     plain = {k.removeprefix("backbone."): v for k, v in model.state_dict().items()}
     torch.save({"state_dict": {f"module.{k}": v for k, v in plain.items()}}, tmp_path / "w.pt")
@@ -163,7 +205,8 @@ def test_sscd_state_dict_variants(sscd_files, tmp_path):
     with pytest.raises(ModelError, match="ResNet-50"):
         load_teacher(str(tmp_path / "bad.pt"))
     (tmp_path / "junk.torchscript.pt").write_bytes(b"not a zip")
-    with pytest.raises(ModelError, match="TorchScript"):
+    monkeypatch.setenv(TRUST_TORCHSCRIPT_ENV, "1")  # past the opt-in, to the archive check
+    with pytest.raises(ModelError, match="not a TorchScript archive"):
         load_teacher(str(tmp_path / "junk.torchscript.pt"))
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     with pytest.raises(ModelError, match="ONNX"):
@@ -173,6 +216,7 @@ def test_sscd_state_dict_variants(sscd_files, tmp_path):
 def test_teacher_resolution_order(sscd_files, monkeypatch):
     _, tv, ts = sscd_files
     monkeypatch.setenv(TEACHER_ENV, ts)
+    monkeypatch.setenv(TRUST_TORCHSCRIPT_ENV, "1")
     assert resolve_teacher_uri(tv) == tv  # explicit flag first
     assert resolve_teacher_uri(None) == ts  # then the environment
     assert load_model("sscd", device="cpu").name == "sscd-torchscript"
@@ -181,6 +225,58 @@ def test_teacher_resolution_order(sscd_files, monkeypatch):
     monkeypatch.setattr("rdcd.models.resolve.installed_onnx_teacher", lambda: None)
     with pytest.raises(ModelError, match="no SSCD teacher found"):
         load_model("sscd")
+
+
+def test_torchscript_teacher_needs_an_opt_in(sscd_files, monkeypatch):
+    """torch.jit.load runs the program in the file; without RDCD_TRUST_TORCHSCRIPT=1 (or
+    --trust-torchscript) it is never called, and the refusal says why and how to opt in."""
+    _, tv, ts = sscd_files
+    real_load = torch.jit.load
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "load", spy)
+    for value in (None, "0", "", "no"):
+        if value is None:
+            monkeypatch.delenv(TRUST_TORCHSCRIPT_ENV, raising=False)
+        else:
+            monkeypatch.setenv(TRUST_TORCHSCRIPT_ENV, value)
+        for load in (lambda: load_teacher(ts, "cpu"), lambda: load_model(ts, device="cpu")):
+            with pytest.raises(ModelError, match="runs the code") as refused:
+                load()
+            assert TRUST_TORCHSCRIPT_ENV in str(refused.value)
+            assert "--trust-torchscript" in str(refused.value) and ts in str(refused.value)
+        monkeypatch.setenv(TEACHER_ENV, ts)
+        with pytest.raises(ModelError, match="TorchScript file without an opt-in"):
+            load_model("sscd", device="cpu")
+        monkeypatch.delenv(TEACHER_ENV)
+    assert calls == []  # refused before torch.jit.load ever saw the bytes
+    assert load_teacher(tv, "cpu").name == "sscd-torchvision"  # a state dict needs no opt-in
+    monkeypatch.setenv(TRUST_TORCHSCRIPT_ENV, "1")
+    teacher = load_teacher(ts, "cpu")
+    assert teacher.name == "sscd-torchscript" and teacher.dim == 512 and len(calls) == 1
+
+
+def test_trust_torchscript_flag_sets_the_opt_in(monkeypatch, capsys):
+    """`--trust-torchscript` on every subcommand that loads a model sets the variable that the
+    loader (and, forwarded, every Ray worker) reads."""
+    from rdcd import cli
+
+    monkeypatch.setenv(TRUST_TORCHSCRIPT_ENV, "0")  # restored after the test
+    seen = []
+    help_text, add_args, _ = cli.COMMANDS["evaluate"]
+    stub = (help_text, add_args, lambda args: seen.append(os.environ[TRUST_TORCHSCRIPT_ENV]) or 0)
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", stub)
+    assert cli.main(["evaluate", "--model", "x.torchscript.pt"]) == 0
+    assert cli.main(["evaluate", "--model", "x.torchscript.pt", "--trust-torchscript"]) == 0
+    assert seen == ["0", "1"]
+    for name in cli.TORCHSCRIPT_COMMANDS:
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args([name, "--help"])
+        assert "--trust-torchscript" in capsys.readouterr().out, name
 
 
 def test_student_as_model_spec(student, tmp_path):

