@@ -403,6 +403,8 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-background", type=int, default=10_000)
     p.add_argument("--train-sample", type=int, help="vectors the codec is trained on")
     p.add_argument("--task-cpus", type=float, default=1.0, help="CPUs per shard-building task")
+    p.add_argument("--allow-model-change", action="store_true",
+                   help="replace a published version of another model")  # fmt: skip
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="train the quantizer on a GPU (default: when FAISS sees one)")  # fmt: skip
 
@@ -436,6 +438,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             max_background=args.max_background,
             task_cpus=args.task_cpus,
             gpu=args.gpu,
+            allow_model_change=args.allow_model_change,
         )
         manifest = index.build_index(cfg)
         b = manifest["build"]
@@ -536,20 +539,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        if name in TORCHSCRIPT_COMMANDS:
+            p.add_argument("--trust-torchscript", action="store_true",
+                           help="allow a .torchscript.pt teacher: loading one runs its code "
+                           "(sets RDCD_TRUST_TORCHSCRIPT=1)")  # fmt: skip
     return parser
+
+
+# The subcommands that may load a teacher file (--model/--teacher), so may need the opt-in.
+TORCHSCRIPT_COMMANDS = ("demo", "evaluate", "embed", "train", "serve", "match")
+
+
+# Commands that start a local Ray when RAY_ADDRESS is unset.
+LOCAL_RAY_COMMANDS = frozenset({"demo", "embed", "index", "serve", "train"})
+
+
+def _guard_local_ray() -> None:
+    """Start the watchdog that ends the local Ray this command is about to start if the command
+    is killed (see rdcd.watchdog): without it a SIGKILLed driver leaves Ray's agents running. A
+    process that already has Ray (a caller of `main`) keeps its own."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return
+    from rdcd import watchdog
+
+    watchdog.start()
+
+
+def _user_message(exc: BaseException) -> str:
+    """The message of a user error, without the remote traceback Ray prepends when the error was
+    raised in a task (a `RayTaskError(StoreError)` is caught as a StoreError, and its text starts
+    with ~15 lines of a worker's stack): the user needs the one line that says what to do."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and type(exc).__name__.startswith("RayTaskError"):
+        return str(cause)
+    return str(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "trust_torchscript", False):
+        # Before any Ray start: local workers inherit it, remote ones get it forwarded.
+        os.environ["RDCD_TRUST_TORCHSCRIPT"] = "1"  # rdcd.models.teacher.TRUST_TORCHSCRIPT_ENV
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.command in LOCAL_RAY_COMMANDS and not os.environ.get("RAY_ADDRESS"):
+        _guard_local_ray()
     try:
         return COMMANDS[args.command][2](args)
     except USER_ERRORS as exc:
-        print(f"rdcd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"rdcd {args.command}: error: {_user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rdcd {args.command}: interrupted", file=sys.stderr)

@@ -11,6 +11,17 @@ Layout of `<index>/` (a local path or an `s3://` URI; DESIGN.md, "Index"):
     v<N>/background.npy           descriptors of unrelated images, for score normalisation
     v<N>/manifest.json            written once every file above is verified
     CURRENT                       `v<N>`: the published version, written last
+    v<N>/_claim.json              who claimed v<N> (created exclusively, before anything else)
+    v<N>/_published.json          written once `CURRENT` has named v<N>
+
+Every function resolves the root to one canonical URI first (`rdcd.io.canonical`), so a relative
+root and its absolute spelling are the same index. Two writers never share a version: a build
+or update claims `v<N>` by creating `v<N>/_claim.json` exclusively (`O_EXCL` locally, a
+conditional PUT on S3) before it writes anything inside, and publishes with a compare-and-swap
+of `CURRENT` against the version it started from. An update that loses the race is applied
+again on top of the winner (its claimed version is left unpublished), so concurrent `--add` and
+`--remove` both take effect. A full build refuses to replace a published version of another
+model unless told to (`allow_model_change`): a running Serve of the old model would refuse it.
 
 A version never changes once its manifest exists. An update (delta shard, tombstones, compaction)
 writes a new version whose manifest also names the unchanged files of its parent, so a server of
@@ -32,9 +43,10 @@ import logging
 import math
 import os
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import faiss
@@ -54,7 +66,11 @@ MANIFEST = "manifest.json"
 TRAINED = "trained.faiss"
 TOMBSTONES = "tombstones.parquet"
 BACKGROUND = "background.npy"
+CLAIM = "_claim.json"
+PUBLISHED = "_published.json"
 CRASH_ENV = "RDCD_TEST_CRASH_INDEX"  # tests: "before-manifest" or "before-current" -> os._exit
+PAUSE_ENV = "RDCD_TEST_PAUSE_INDEX"  # tests: "before-current:SECONDS" widens the race window
+UPDATE_ATTEMPTS = 5  # an update that loses a publication race is applied again this many times
 FLAT_MAX = 250_000  # up to here exact search is cheap enough: ~10 ms a query on one core
 SHARD_TARGET = 1_000_000  # default vectors per shard: one searcher replica's worth
 DEFAULT_BUDGET = 8 * 1024**3
@@ -63,6 +79,10 @@ _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 class IndexStoreError(ValueError):
     """An index that cannot be built, updated or read; the message says why and what to do."""
+
+
+class ConcurrentUpdateError(IndexStoreError):
+    """Another writer published while this one was building; nothing of ours was published."""
 
 
 # ---- configuration and the choice of factory -------------------------------------------------
@@ -85,6 +105,7 @@ class IndexConfig:
     max_background: int = 10_000
     beta: float = 1.0  # score-normalisation strength
     background_n: int = 3  # neighbours averaged by score normalisation
+    allow_model_change: bool = False  # publish over a live version of another model
     task_cpus: float = 1.0  # CPUs per shard task (also FAISS threads in it)
     gpu: bool | None = None  # train the quantizer on GPU; None = when FAISS sees one
     seed: int = 0
@@ -224,32 +245,43 @@ def _sha(data: bytes) -> str:
 
 def versions(root: str) -> list[int]:
     """Every version folder under `root`, published or not (a crashed build leaves one)."""
-    if not rio.exists(root):
-        return []
-    found: set[int] = set()
-    base = root.rstrip("/")
-    for f in rio.list_files(root):
-        rel = f.uri[len(base) :].lstrip("/") if f.uri.startswith(base) else f.uri
-        m = _VERSION_DIR.match(rel.replace(os.sep, "/").split("/", 1)[0])
-        if m:
-            found.add(int(m.group(1)))
-    return sorted(found)
+    root = rio.canonical(root)
+    found = (_VERSION_DIR.match(name) for name in rio.list_names(root))
+    return sorted(int(m.group(1)) for m in found if m)
 
 
-def current_version(root: str) -> int | None:
-    """The published version named by `CURRENT`, or None when nothing is published."""
-    uri = rio.join(root, CURRENT)
-    if not rio.exists(uri):
+def _parse_current(uri: str, data: bytes | None) -> int | None:
+    if data is None:
         return None
-    text = rio.read_text(uri).strip()
+    text = data.decode("utf-8", "replace").strip()
     m = _VERSION_DIR.match(text)
     if not m:
         raise IndexStoreError(f"{uri} holds {text[:40]!r}, not a version name like 'v3'")
     return int(m.group(1))
 
 
+def current_version(root: str) -> int | None:
+    """The published version named by `CURRENT`, or None when nothing is published."""
+    uri = rio.join(rio.canonical(root), CURRENT)
+    if not rio.exists(uri):
+        return None
+    return _parse_current(uri, rio.read_bytes(uri))
+
+
+def published_versions(root: str) -> list[int]:
+    """The versions `CURRENT` has named (each has `_published.json`), plus the one it names now;
+    oldest first. A version that lost a publication race, or a crashed build, is not among them."""
+    root = rio.canonical(root)
+    out = {v for v in versions(root) if rio.exists(rio.join(root, f"v{v}", PUBLISHED))}
+    now = current_version(root)
+    if now is not None:
+        out.add(now)
+    return sorted(out)
+
+
 def read_manifest(root: str, version: int | None = None) -> dict[str, Any]:
     """The manifest of `version` (default: the published one)."""
+    root = rio.canonical(root)
     if version is None:
         version = current_version(root)
         if version is None:
@@ -294,13 +326,15 @@ def _crash_point(name: str) -> None:
 
 @dataclass(frozen=True)
 class PartRef:
-    """One committed part of one embedding run; its ids are shifted by `offset` in the index."""
+    """Rows `[start, start + rows)` of one committed part of one embedding run (the whole part
+    unless a shard plan split it); its ids are shifted by `offset` in the index."""
 
     source: int  # position in the manifest's `sources`
     uri: str  # the embedding run
     part: int
-    rows: int  # embedded rows
+    rows: int  # embedded rows taken from the part
     offset: int
+    start: int = 0  # first of them, counted in the part's embedded rows
 
     @property
     def commit_rel(self) -> str:
@@ -350,16 +384,24 @@ def _check_source_unchanged(entry: dict[str, Any]) -> list[PartRef]:
 
 
 def plan_groups(parts: list[PartRef], shards: int) -> list[list[PartRef]]:
-    """Split parts, in order, into at most `shards` contiguous groups of about equal rows."""
-    shards = max(1, min(shards, len(parts)))
+    """Split the rows of `parts`, in order, into `shards` contiguous groups of equal size (to
+    one row), cutting a part in two where a boundary falls inside it: `--shards 3` over a run
+    of one part builds three shards. Never more shards than rows."""
     total = sum(p.rows for p in parts)
+    shards = max(1, min(shards, total))
+    bounds = [total * g // shards for g in range(shards + 1)]
     groups: list[list[PartRef]] = [[] for _ in range(shards)]
-    done = 0
+    done, g = 0, 0
     for p in parts:
-        g = min(shards - 1, int(done * shards / max(total, 1)))
-        groups[g].append(p)
+        lo = 0
+        while lo < p.rows:
+            while done + lo >= bounds[g + 1]:
+                g += 1
+            hi = min(p.rows, bounds[g + 1] - done)
+            groups[g].append(replace(p, start=p.start + lo, rows=hi - lo))
+            lo = hi
         done += p.rows
-    return [g for g in groups if g]
+    return [grp for grp in groups if grp]
 
 
 # ---- the work of one Ray task ----------------------------------------------------------------
@@ -368,6 +410,9 @@ def plan_groups(parts: list[PartRef], shards: int) -> list[list[PartRef]]:
 def _read_ref(ref: PartRef) -> tuple[np.ndarray, list[str], np.ndarray]:
     commit = json.loads(rio.read_text(rio.join(ref.uri, *ref.commit_rel.split("/"))))
     ids, uris, vectors = store.read_part(ref.uri, commit)
+    if ref.start or ref.rows != len(ids):
+        cut = slice(ref.start, ref.start + ref.rows)
+        ids, uris, vectors = ids[cut], uris[cut], vectors[cut]
     return ids + ref.offset, uris, vectors
 
 
@@ -427,7 +472,9 @@ def build_shard(
         "refs_sha256": refs_sha,
         "min_id": int(ids.min()) if len(ids) else None,
         "max_id": int(ids.max()) if len(ids) else None,
-        "parts": [{"source": p.source, "part": p.part} for p in parts],
+        "parts": [
+            {"source": p.source, "part": p.part, "start": p.start, "rows": p.rows} for p in parts
+        ],  # fmt: skip
         "seconds": round(time.perf_counter() - t0, 3),
         "_bg_top1": bg_top1,
     }
@@ -535,24 +582,64 @@ def _verify(root: str, entries: list[dict[str, Any]]) -> None:
         list(pool.map(check, entries))
 
 
-def _publish(root: str, manifest: dict[str, Any], parent: int | None) -> None:
-    """Write the manifest, then `CURRENT`. An update refuses to publish over a version that
-    appeared after its parent (two writers): re-running it applies it to the new one."""
+def _pause_point(name: str) -> None:
+    spec = os.environ.get(PAUSE_ENV, "")
+    point, _, seconds = spec.partition(":")
+    if point == name:
+        time.sleep(float(seconds or 1.0))
+
+
+def _publish(root: str, manifest: dict[str, Any], expected: int | None) -> None:
+    """Write the manifest, then swap `CURRENT` from `expected` (the version this writer started
+    from; None: nothing was published) to the new version, atomically. When another writer
+    published first, raise ConcurrentUpdateError and leave the new version unpublished."""
     version = manifest["version"]
     rio.write_text(rio.join(root, f"v{version}", MANIFEST), json.dumps(manifest, indent=2))
     _crash_point("before-current")
-    now = current_version(root)
-    if parent is not None and now != parent:
-        raise IndexStoreError(
-            f"{root}: v{now} was published while this update was built on v{parent}; "
-            f"v{version} is left unpublished. Re-run the update"
+    _pause_point("before-current")
+    uri = rio.join(root, CURRENT)
+    seen = rio.read_versioned(uri)
+    now = _parse_current(uri, seen.data)
+    if now != expected or not rio.replace_if(uri, f"v{version}\n".encode(), seen.token):
+        now = current_version(root)
+        raise ConcurrentUpdateError(
+            f"{root}: v{now} was published while v{version} was being built on "
+            f"{f'v{expected}' if expected else 'an empty root'}; v{version} is left unpublished"
         )
-    rio.write_text(rio.join(root, CURRENT), f"v{version}\n")
-    log.info("published %s v%d", root, version)
+    record = {"published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "replaced": expected}  # fmt: skip
+    rio.write_text(rio.join(root, f"v{version}", PUBLISHED), json.dumps(record))
+    log.info("published %s v%d (was %s)", root, version, f"v{expected}" if expected else "none")
 
 
-def _next_version(root: str) -> int:
-    return (max(versions(root), default=0)) + 1
+def _claim_version(root: str) -> int:
+    """Claim the next free version number for this writer alone, before anything is written in
+    it: two builds or updates that start together get different versions, never one folder."""
+    n = max(versions(root), default=0) + 1
+    owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})  # fmt: skip
+    for _ in range(1000):
+        if rio.create_exclusive(rio.join(root, f"v{n}", CLAIM), owner.encode()):
+            return n
+        n += 1
+    raise IndexStoreError(f"{root}: could not claim a version number (tried up to v{n})")
+
+
+def _retrying(what: str, root: str, attempt_fn: Any) -> Any:
+    """Run one update attempt; when it loses the publication race, apply it again on top of the
+    version that won (so concurrent updates all take effect), a bounded number of times."""
+    for attempt in range(1, UPDATE_ATTEMPTS + 1):
+        try:
+            return attempt_fn()
+        except ConcurrentUpdateError as exc:
+            if attempt == UPDATE_ATTEMPTS:
+                raise ConcurrentUpdateError(
+                    f"{exc}. Gave up on {what} after {attempt} attempts: other writers keep "
+                    "publishing; re-run it when they are done"
+                ) from None
+            log.warning("%s; applying %s again on the new version", exc, what)
+            time.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
 
 
 def _write_background(root: str, version: int, bg: np.ndarray, cfg: IndexConfig) -> dict[str, Any]:
@@ -600,10 +687,21 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
     is complete and verified."""
     cfg.validate()
     t0 = time.perf_counter()
-    source, parts = _describe_source(cfg.embeddings, 0, 0)
+    root = rio.canonical(cfg.out)
+    source, parts = _describe_source(rio.canonical(cfg.embeddings), 0, 0)
     n, dim, fingerprint = int(source["embedded"]), int(source["dim"]), source["fingerprint"]
     if n == 0:
         raise IndexStoreError(f"{cfg.embeddings}: no embedded rows to index")
+    live = current_version(root)
+    if live is not None:
+        live_manifest = read_manifest(root, live)
+        if live_manifest["fingerprint"] != fingerprint and not cfg.allow_model_change:
+            raise IndexStoreError(
+                f"{root} serves v{live} of model {live_manifest['model']!r} (fingerprint "
+                f"{live_manifest['fingerprint'][:12]}); this build is of {source['model']!r} "
+                f"({fingerprint[:12]}). A running Serve of the old model would refuse it. Build "
+                "into a new --out, or pass --allow-model-change to replace it anyway"
+            )
     if cfg.factory:
         choice = FactoryChoice(cfg.factory, None, float("nan"), "given with --factory")
         nlist = _nlist_of(cfg.factory)
@@ -630,21 +728,21 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
                                           max(1, int(cfg.task_cpus * 2)))  # fmt: skip
     trained = _serialize(trained_index)
     del trained_index
-    version = _next_version(cfg.out)
-    rio.write_bytes(rio.join(cfg.out, f"v{version}", TRAINED), trained)
+    version = _claim_version(root)
+    rio.write_bytes(rio.join(root, f"v{version}", TRAINED), trained)
     background = _load_background(cfg, fingerprint)
     want = cfg.shards or max(1, math.ceil(n / SHARD_TARGET))
     groups = plan_groups(parts, want)
     if len(groups) < want:
-        log.warning("%d shards asked for, the run has %d parts: building %d", want, len(parts),
+        log.warning("%d shards asked for, the run has %d vectors: building %d", want, n,
                     len(groups))  # fmt: skip
     t_add = time.perf_counter()
     none = np.zeros(0, np.int64)
-    results = _build_shards(cfg.out, version, trained, groups, "shard", 0, none, background,
+    results = _build_shards(root, version, trained, groups, "shard", 0, none, background,
                             fingerprint, cfg.task_cpus)  # fmt: skip
     add_seconds = time.perf_counter() - t_add
     stats = _background_stats(results)
-    _verify(cfg.out, results)
+    _verify(root, results)
     total = sum(r["ntotal"] for r in results)
     if total != n:
         raise IndexStoreError(f"shards hold {total} vectors, the run has {n}; not publishing")
@@ -669,7 +767,7 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
         "shards": results,
         "ntotal": total,
         "tombstones": None,
-        "background": (_write_background(cfg.out, version, background, cfg)
+        "background": (_write_background(root, version, background, cfg)
                        if background is not None else None),
         "background_stats": stats,
         "build": {"seconds": round(time.perf_counter() - t0, 3),
@@ -679,20 +777,33 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
                   "task_cpus": cfg.task_cpus},
     }  # fmt: skip
     _crash_point("before-manifest")
-    _publish(cfg.out, manifest, parent=None)
+    try:
+        _publish(root, manifest, expected=live)
+    except ConcurrentUpdateError as exc:
+        raise ConcurrentUpdateError(
+            f"{exc}. A full build is not re-applied on its own (it would silently undo what was "
+            "just published); re-run it if it should still replace that version"
+        ) from None
     return manifest
 
 
 # ---- updates -------------------------------------------------------------------------------
 
 
-def _child(root: str) -> tuple[dict[str, Any], int]:
+def _child(root: str) -> dict[str, Any]:
+    """A copy of the published manifest to turn into the next version (`parent` set; the
+    version number is claimed only once there is something to write)."""
     parent = read_manifest(root)
     child = json.loads(json.dumps(parent))
-    version = _next_version(root)
-    child.update(version=version, parent=parent["version"],
+    child.update(parent=parent["version"],
                  created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
-    return child, version
+    return child
+
+
+def _claim_for(root: str, child: dict[str, Any]) -> int:
+    version = _claim_version(root)
+    child["version"] = version
+    return version
 
 
 def _read_tombstones(root: str, manifest: dict[str, Any]) -> np.ndarray:
@@ -708,15 +819,23 @@ def add_references(root: str, embeddings: str, cpus: float = 1.0) -> dict[str, A
 
     Their ids are shifted past every id in the index (`next_id`), so two runs never collide; the
     shift is recorded in the manifest's `sources`. The same trained codec is used, so nothing is
-    retrained; `compact` later folds the delta into the base shards."""
-    child, version = _child(root)
+    retrained; `compact` later folds the delta into the base shards. Concurrent updates are
+    applied one on top of the other (see the module docstring)."""
+    root, embeddings = rio.canonical(root), rio.canonical(embeddings)
+    return _retrying(f"--add {embeddings}", root,
+                     lambda: _add_once(root, embeddings, cpus))  # fmt: skip
+
+
+def _add_once(root: str, embeddings: str, cpus: float) -> dict[str, Any]:
+    child = _child(root)
     source, parts = _describe_source(embeddings, int(child["next_id"]), len(child["sources"]))
     check_fingerprint(child["fingerprint"], source["fingerprint"], f"index {root}")
-    if any(s["uri"] == source["uri"] for s in child["sources"]):
+    if any(rio.canonical(s["uri"]) == source["uri"] for s in child["sources"]):
         raise IndexStoreError(f"{embeddings} is already in the index {root}; refusing to add twice")
     if not parts:
         raise IndexStoreError(f"{embeddings}: no embedded rows to add")
     trained = _read_checked(root, child["trained"]["file"], child["trained"]["sha256"])
+    version = _claim_for(root, child)
     first = sum(1 for s in child["shards"] if s["name"].startswith("delta-"))
     results = _build_shards(root, version, trained, [parts], "delta", first, np.zeros(0, np.int64),
                             None, child["fingerprint"], cpus)  # fmt: skip
@@ -727,7 +846,7 @@ def add_references(root: str, embeddings: str, cpus: float = 1.0) -> dict[str, A
     child["sources"].append(source)
     child["next_id"] = int(source["max_id"]) + 1
     child["ntotal"] = int(child["ntotal"]) + sum(r["ntotal"] for r in results)
-    _publish(root, child, parent=child["parent"])
+    _publish(root, child, expected=child["parent"])
     return child
 
 
@@ -745,7 +864,12 @@ def remove_references(root: str, targets: list[str]) -> tuple[dict[str, Any], di
 
     Returns the new manifest and counts: `removed` (newly tombstoned), `already` (removed
     before), `unknown` (not in the index: reported, nothing else happens)."""
-    child, version = _child(root)
+    root = rio.canonical(root)
+    return _retrying("--remove", root, lambda: _remove_once(root, targets))
+
+
+def _remove_once(root: str, targets: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
+    child = _child(root)
     held_ids, held_uris = _held_ids(root, child)
     by_uri = dict(zip(held_uris, held_ids.tolist(), strict=True))
     wanted: set[int] = set()
@@ -765,18 +889,24 @@ def remove_references(root: str, targets: list[str]) -> tuple[dict[str, Any], di
     dead = np.union1d(old, np.fromiter(wanted, np.int64, len(wanted)))
     counts = {"removed": len(wanted) - already, "already": already, "unknown": unknown}
     if counts["removed"] == 0:
-        return read_manifest(root), counts
+        return read_manifest(root, child["parent"]), counts
+    version = _claim_for(root, child)
     rel = f"v{version}/{TOMBSTONES}"
     size, sha = _write_parquet(rio.join(root, *rel.split("/")), pa.table({"id": pa.array(dead)}))
     child["tombstones"] = {"file": rel, "sha256": sha, "count": int(len(dead))}
-    _publish(root, child, parent=child["parent"])
+    _publish(root, child, expected=child["parent"])
     return child, counts
 
 
 def compact(root: str, shards: int | None = None, cpus: float = 1.0) -> dict[str, Any]:
     """Fold delta shards and tombstones into freshly written base shards (same trained codec,
     no retraining), re-reading the embedding runs the index was built from."""
-    child, version = _child(root)
+    root = rio.canonical(root)
+    return _retrying("--compact", root, lambda: _compact_once(root, shards, cpus))
+
+
+def _compact_once(root: str, shards: int | None, cpus: float) -> dict[str, Any]:
+    child = _child(root)
     parts: list[PartRef] = []
     for position, entry in enumerate(child["sources"]):
         parts += [
@@ -791,6 +921,7 @@ def compact(root: str, shards: int | None = None, cpus: float = 1.0) -> dict[str
     if child.get("background"):
         b = child["background"]
         bg = np.load(io.BytesIO(_read_checked(root, b["file"], b["sha256"])), allow_pickle=False)
+    version = _claim_for(root, child)
     results = _build_shards(root, version, trained, groups, "shard", 0, dead, bg,
                             child["fingerprint"], cpus)  # fmt: skip
     stats = _background_stats(results)
@@ -801,7 +932,7 @@ def compact(root: str, shards: int | None = None, cpus: float = 1.0) -> dict[str
         raise IndexStoreError(f"compaction holds {total} vectors, expected {expected}")
     child.update(shards=results, ntotal=total, tombstones=None,
                  background_stats=stats or child.get("background_stats"))  # fmt: skip
-    _publish(root, child, parent=child["parent"])
+    _publish(root, child, expected=child["parent"])
     return child
 
 
@@ -836,6 +967,7 @@ def load_index(
 ) -> ShardedIndex:
     """The published version of the index at `root` (or `version`), every shard or only those
     named in `shards` (a searcher replica holds a subset), ready to search."""
+    root = rio.canonical(root)
     manifest = read_manifest(root, version)
     entries = [s for s in manifest["shards"] if shards is None or s["name"] in shards]
     if shards is not None and len(entries) != len(set(shards)):

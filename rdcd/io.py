@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import stat
 import threading
 import uuid
 from dataclasses import dataclass
@@ -127,6 +128,10 @@ def arrow_filesystem(uri: str):  # -> tuple[pyarrow.fs.FileSystem, str]
     return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
 
 
+def _local_path(uri: str) -> str:
+    return str(Path(uri).expanduser().absolute())
+
+
 def _explain(uri: str, action: str, exc: BaseException) -> StorageError:
     text = f"{type(exc).__name__}: {exc}"
     hint = ""
@@ -137,6 +142,10 @@ def _explain(uri: str, action: str, exc: BaseException) -> StorageError:
         hint = " (the bucket does not exist)"
     elif "accessdenied" in lowered or "forbidden" in lowered or "invalidaccesskeyid" in lowered:
         hint = " (access denied: check the credentials and the bucket policy)"
+    elif isinstance(exc, OSError) and not is_s3(uri) and os.path.islink(_local_path(uri)):
+        # Listings include broken links on purpose (they must end in errors/, not vanish), so
+        # say what is wrong: "no such file" about a file the user can see in `ls` misleads.
+        hint = f" (a broken symbolic link to {os.readlink(_local_path(uri))!r})"
     elif isinstance(exc, FileNotFoundError):
         hint = " (no such file or prefix)"
     return StorageError(f"cannot {action} {uri!r}{hint}: {text}")
@@ -186,6 +195,147 @@ def exists(uri: str) -> bool:
         raise _explain(uri, "check", exc) from exc
 
 
+def canonical(uri: str) -> str:
+    """The one spelling of a location: an absolute, normalised local path, or `s3://bucket/key`
+    without a trailing slash. Anything that compares or lists locations (index versions, a root
+    named twice) goes through it, so `idx/r1`, `./idx/r1/` and `/abs/idx/r1` are one root."""
+    text = str(uri)
+    if is_s3(text):
+        path = posixpath.normpath("/" + text.split("://", 1)[1]).lstrip("/")
+        return "s3://" + path
+    return os.path.normpath(os.path.abspath(os.path.expanduser(text)))
+
+
+def list_names(uri: str) -> list[str]:
+    """The names (not paths) of the entries directly under `uri`, files and folders alike; an
+    empty list when it does not exist. One listing call, not a walk of everything below."""
+    fs, path = filesystem(uri)
+    try:
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            return []
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, "list", exc) from exc
+    return sorted(posixpath.basename(str(n).rstrip("/")) for n in names)
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write `data` to `uri` only if nothing is there yet; False when something already is.
+
+    This is how two writers agree on who owns a name without a lock server: `O_EXCL` on local
+    disk, a conditional PUT (`If-None-Match: *`) on S3, both decided by the storage itself."""
+    fs, path = filesystem(uri)
+    try:
+        if is_s3(uri):
+            bucket, _, key = path.partition("/")
+            try:
+                fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            except FileExistsError:
+                return False
+            fs.invalidate_cache(path)
+            return True
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, "create", exc) from exc
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A small file's content and the token a conditional replace compares against (the S3
+    ETag, or the sha256 of the local file's bytes)."""
+
+    data: bytes | None  # None: no such file
+    token: str | None
+
+
+def _local_token(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_versioned(uri: str) -> Versioned:
+    """The content of `uri` and its version token, or `Versioned(None, None)` when absent."""
+    fs, path = filesystem(uri)
+    try:
+        if is_s3(uri):
+            # The ETag first, the bytes second: if the object changes in between, the token is
+            # the older one and a conditional replace fails safe (it is retried on fresh data).
+            fs.invalidate_cache(path)
+            try:
+                etag = str(fs.info(path)["ETag"])
+                data = fs.cat_file(path)
+            except FileNotFoundError:
+                return Versioned(None, None)
+            return Versioned(data, etag)
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            return Versioned(None, None)
+        return Versioned(data, _local_token(data))
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, "read", exc) from exc
+
+
+def replace_if(uri: str, data: bytes, token: str | None) -> bool:
+    """Compare-and-swap: write `data` to `uri` only if the file is still the version `token`
+    (from `read_versioned`; None = only if it does not exist). False when someone else wrote it
+    first. S3 decides with `If-Match`/`If-None-Match`; local disk under an exclusive `flock` on
+    a hidden lock file beside it (then the usual temporary file and rename)."""
+    fs, path = filesystem(uri)
+    try:
+        if is_s3(uri):
+            bucket, _, key = path.partition("/")
+            cond = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+            try:
+                fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
+            except (FileExistsError, FileNotFoundError):
+                return False  # 412 (changed) or 404 (removed since it was read)
+            except OSError as exc:
+                if "condition" in str(exc).lower() or "conflict" in str(exc).lower():
+                    return False
+                raise
+            fs.invalidate_cache(path)
+            return True
+        import fcntl
+
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = target.parent / f".{target.name}.lock"
+        with open(lock, "a+b") as lf:
+            fcntl.flock(lf.fileno(), fcntl.LOCK_EX)
+            try:
+                try:
+                    now: str | None = _local_token(target.read_bytes())
+                except FileNotFoundError:
+                    now = None
+                if now != token:
+                    return False
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                return True
+            finally:
+                fcntl.flock(lf.fileno(), fcntl.LOCK_UN)
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, "replace", exc) from exc
+
+
 def makedirs(uri: str) -> None:
     """Create a local directory; a no-op on S3, where prefixes need no creation."""
     if not is_s3(uri):
@@ -198,6 +348,62 @@ def _to_uri(uri: str, path: str) -> str:
     return path
 
 
+def _local_version(st: os.stat_result) -> str:
+    # The float mtime, as the fsspec listing gave it: manifests written before must still match.
+    return str(int(float(st.st_mtime) * 1e9))
+
+
+def _walk_local(root: str, recursive: bool) -> list[FileInfo]:
+    """The files under the local folder `root`, following symbolic links to files and folders.
+
+    A folder reached twice (a link to a folder that is also listed, a link loop) is listed once,
+    under the first path found to it, real paths before links: a loop cannot recurse forever and
+    no image gets two ids. Paths stay under `root` (the link's path, not its target), so a URI
+    in a manifest is what the user listed. A broken link (or one that loops on itself) is listed
+    with size 0 rather than dropped: reading it then fails and the embed job records the reason
+    in errors/, so rows in shards + errors still add up to what the folder shows."""
+    seen: set[tuple[int, int]] = set()
+    real: list[str] = [root]  # folders reached without a link: walked first
+    linked: list[str] = []  # folders reached through a link: walked after every real one
+    out: list[FileInfo] = []
+    broken = 0
+    while real or linked:
+        folder = real.pop() if real else linked.pop()
+        # An unreadable folder raises (list_files names it): skipping it would drop its images
+        # from the manifest without a trace.
+        st = os.stat(folder)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            log.debug("%s: already listed through another path; skipped", folder)
+            continue
+        seen.add(key)
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name, reverse=True)  # popped in name order
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=True)
+            except OSError as exc:
+                if entry.is_symlink():  # broken, or a loop of links: listed, to fail with a reason
+                    log.debug("%s: broken symbolic link (%s)", entry.path, exc.strerror or exc)
+                    link = entry.stat(follow_symlinks=False)
+                    out.append(FileInfo(entry.path, 0, _local_version(link)))
+                    broken += 1
+                else:
+                    log.warning("cannot stat %s (%s); not listed", entry.path, exc)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if recursive:
+                    (linked if entry.is_symlink() else real).append(entry.path)
+            elif stat.S_ISREG(st.st_mode):
+                out.append(FileInfo(entry.path, int(st.st_size), _local_version(st)))
+    if broken:
+        log.warning("%s: %d broken symbolic link(s), listed with size 0 (reading them fails)",
+                    root, broken)  # fmt: skip
+    return out
+
+
 def list_files(
     uri: str, suffixes: tuple[str, ...] | None = None, recursive: bool = True
 ) -> list[FileInfo]:
@@ -205,9 +411,27 @@ def list_files(
     version.
 
     `uri` may also name a single file. Hidden files and directories (a leading dot) are skipped.
-    `suffixes` filters by lower-cased extension, e.g. `IMAGE_SUFFIXES`.
+    `suffixes` filters by lower-cased extension, e.g. `IMAGE_SUFFIXES`. On local disk symbolic
+    links are followed (see `_walk_local`): fsspec's walk silently drops them, so a folder of
+    linked images would be embedded as if it were empty.
     """
     fs, path = filesystem(uri)
+    wanted = tuple(s.lower() for s in suffixes) if suffixes else None
+    if not is_s3(uri):
+        try:
+            if os.path.isdir(path):
+                files = _walk_local(path, recursive)
+            elif os.path.isfile(path):
+                st = os.stat(path)
+                files = [FileInfo(path, int(st.st_size), _local_version(st))]
+            else:
+                raise FileNotFoundError(path)
+        except Exception as exc:  # noqa: BLE001
+            raise _explain(uri, "list", exc) from exc
+        out = [f for f in files if not wanted or f.uri.lower().endswith(wanted)]
+        out.sort(key=lambda f: f.uri)
+        log.debug("listed %d files under %s", len(out), uri)
+        return out
     try:
         fs.invalidate_cache(path)  # other processes may have written since the last listing
         if fs.isfile(path):
@@ -229,7 +453,7 @@ def list_files(
         rel = name[len(root) :].lstrip("/") if name.startswith(root) else name
         if any(part.startswith(".") for part in rel.split("/") if part):
             continue
-        if suffixes and not name.lower().endswith(tuple(s.lower() for s in suffixes)):
+        if wanted and not name.lower().endswith(wanted):
             continue
         version = info.get("ETag") or info.get("etag")
         if version:

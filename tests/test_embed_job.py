@@ -21,6 +21,7 @@ import pytest
 from conftest import make_tiny_student
 from PIL import Image
 from test_decode import _png_bomb, _save  # the hostile-image generators of the decoder tests
+from test_io import symlinked_tree
 
 from rdcd import io as rio
 from rdcd import store
@@ -217,6 +218,114 @@ def test_refuses_to_append_with_another_model(reference, models, capsys):
             "--shard-size", str(SHARD + 1), "--no-progress"]  # fmt: skip
     assert main(argv) == 2
     assert "shard_size=6" in capsys.readouterr().err
+
+
+def test_symlinked_images_are_embedded_and_broken_links_recorded(ray_local, tiny_student,
+                                                                 photos, tmp_path):  # fmt: skip
+    """Linked images and linked folders are embedded under their linked paths; broken links and
+    loops end in errors/ with the reason; nothing listed vanishes."""
+    root, expected = symlinked_tree(tmp_path, photos[0].read_bytes())
+    out = str(tmp_path / "run")
+    cfg = EmbedJobConfig(images=root, out=out, model=tiny_student, shard_size=4, batch_size=2,
+                         progress=False)  # fmt: skip
+    run = run_embed_job(cfg)
+    listed = [u.removeprefix(root + os.sep) for u in store.read_manifest(out).uris]
+    assert listed == sorted(expected)
+    _, uris, _, _ = store.read_embeddings(out)
+    errors = {u.removeprefix(root + os.sep): reason for _, u, reason in store.read_errors(out)}
+    embedded = {u.removeprefix(root + os.sep) for u in uris}
+    assert embedded == {"a.jpg", "link.jpg", "linkdir/b.jpg"}
+    assert sorted(embedded | errors.keys()) == listed and len(uris) + len(errors) == len(listed)
+    assert run["counts"]["images"] == len(listed)
+    for name in ("broken.jpg", "cycle.jpg"):
+        assert "broken symbolic link" in errors[name], errors[name]
+    assert "truncated" in errors["real/x.jpg"].lower()  # 50 bytes of a JPEG: a decode error
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, start time, command line) of every live process, read from /proc."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            cmd = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if stat[0] not in (b"Z", b"X"):
+            table[int(name)] = (int(stat[1]), int(stat[19]), cmd.strip())
+    return table
+
+
+def _tree(table: dict[int, tuple[int, int, str]], root: int) -> dict[int, tuple[int, int, str]]:
+    found, stack = {}, [root]
+    while stack:
+        parent = stack.pop()
+        for pid, row in table.items():
+            if row[0] == parent and pid not in found:
+                found[pid] = row
+                stack.append(pid)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_driver_leaves_no_ray_processes(tiny_student, photos, tmp_path):
+    """SIGKILL an `rdcd embed` that started its own local Ray: every process it had started
+    (raylet, GCS, agents, workers) is gone soon after. Without the watchdog, Ray's dashboard and
+    runtime-env agents outlive the driver by about a minute."""
+    import shutil
+    import signal
+    import tempfile
+    import time
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in photos[:24]:
+        shutil.copy(p, images / p.name)
+    out = tmp_path / "run"
+    ray_tmp = tempfile.mkdtemp(prefix="rdcd-ray-", dir="/tmp")  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp  # its own local Ray, never the test session's
+    args = ["--images", str(images), "--model", tiny_student, "--out", str(out),
+            "--shard-size", "4", "--batch-size", "2", "--no-progress"]  # fmt: skip
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.embed", *args], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    seen: dict[int, tuple[int, int, str]] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / store.COMMITS_DIR).glob("*.json")):  # Ray is up and working
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no part committed within 240 s"
+            seen.update(_tree(_proc_table(), proc.pid))
+            time.sleep(0.2)
+        seen.update(_tree(_proc_table(), proc.pid))
+        assert any("raylet" in cmd for _, _, cmd in seen.values()), seen
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        t_kill = time.monotonic()
+        left = dict(seen)
+        while left and time.monotonic() - t_kill < 20:
+            time.sleep(0.5)
+            now = _proc_table()
+            left = {p: r for p, r in left.items() if p in now and now[p][1] == r[1]}
+        names = [row[2][:60] for row in left.values()]
+        assert not left, f"alive 20 s after the driver was killed: {names}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        now = _proc_table()
+        for pid, row in seen.items():  # only what this test's driver started, by pid and start
+            if pid in now and now[pid][1] == row[1]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # ---- without Ray --------------------------------------------------------------------------------

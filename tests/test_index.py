@@ -263,3 +263,114 @@ def test_cli_builds_updates_and_reports(ray_local, base, tmp_path, capsys):
     assert rindex.current_version(root) == 2
     with pytest.raises(SystemExit):
         main(["index", "--embeddings", base["run"], "--out", root, "--memory-budget", "lots"])
+
+
+# ---- publication that cannot lose data ------------------------------------------------------
+
+
+def _sha_file(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_relative_root_gets_new_versions_not_an_overwrite(ray_local, base, tmp_path, monkeypatch):
+    """README's own `--out idx/r1`: every update must make a new version and move CURRENT; it
+    used to find no versions under a relative root and rewrite v1 in place."""
+    monkeypatch.chdir(tmp_path)
+    rindex.build_index(rindex.IndexConfig(base["run"], "idx/r1", shards=2, task_cpus=0.5))
+    v1 = tmp_path / "idx" / "r1" / "v1" / "manifest.json"
+    before = _sha_file(v1)
+    assert rindex.versions("idx/r1") == [1] == rindex.versions(str(tmp_path / "idx" / "r1"))
+    _, counts = rindex.remove_references("./idx/r1/", ["7"])
+    assert counts["removed"] == 1
+    assert rindex.current_version("idx/r1") == 2 and rindex.versions("idx/r1") == [1, 2]
+    assert _sha_file(v1) == before, "the published v1 was rewritten"
+    hit = rindex.load_index("idx/r1").search(base["x"][7:8], 1, fingerprint=FP)
+    assert hit.ids[0, 0] != 7
+    old = rindex.load_index(str(tmp_path / "idx" / "r1"), version=1)
+    assert old.search(base["x"][7:8], 1, fingerprint=FP).ids[0, 0] == 7
+
+
+def _remove_in_process(root: str, ids: list[int], pause_s: float, tmp: Path) -> subprocess.Popen:
+    listing = tmp / f"remove-{'-'.join(map(str, ids))}.txt"
+    listing.write_text("".join(f"{i}\n" for i in ids))
+    env = {**os.environ, rindex.PAUSE_ENV: f"before-current:{pause_s}"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.build_index", "--out", root, "--remove", str(listing)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_concurrent_updates_in_real_processes_all_take_effect(ray_local, base, tmp_path):
+    """Two `rdcd index --remove` processes that start from the same version and publish at about
+    the same time: both removals must end up in CURRENT (one used to overwrite the other's
+    manifest in the same v<N> and the removal was lost)."""
+    root = str(tmp_path / "race")
+    rindex.build_index(rindex.IndexConfig(base["run"], root, shards=1, task_cpus=0.5))
+    procs = [
+        _remove_in_process(root, [5, 6], 3.0, tmp_path),
+        _remove_in_process(root, [7], 3.0, tmp_path),
+    ]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    manifest = rindex.read_manifest(root)
+    dead = rindex._read_tombstones(root, manifest)
+    assert dead.tolist() == [5, 6, 7], manifest["tombstones"]
+    # the writers claimed v2 and v3; the loser's claim stays unpublished and its second
+    # attempt, on top of the winner, is v4
+    assert manifest["version"] == 4 and manifest["parent"] in (2, 3)
+    assert rindex.published_versions(root) == [1, manifest["parent"], 4]
+    assert rindex.versions(root) == [1, 2, 3, 4]
+    joined = " ".join(err for _, err in outputs)
+    assert "applying --remove again" in joined
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_version_claims_and_current_swap_are_exclusive(where, tmp_path, request):
+    from rdcd import io as rio
+
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        root = f"s3://{bucket}/claims"
+    else:
+        root = str(tmp_path / "claims")
+    uri = rio.join(root, "v1", rindex.CLAIM)
+    assert rio.create_exclusive(uri, b"a") is True
+    assert rio.create_exclusive(uri, b"b") is False
+    assert rio.read_bytes(uri) == b"a"
+    current = rio.join(root, rindex.CURRENT)
+    assert rio.replace_if(current, b"v1\n", None) is True
+    assert rio.replace_if(current, b"v9\n", None) is False  # it exists now
+    seen = rio.read_versioned(current)
+    assert seen.data == b"v1\n"
+    assert rio.replace_if(current, b"v2\n", seen.token) is True
+    assert rio.replace_if(current, b"v3\n", seen.token) is False  # stale token
+    assert rio.read_bytes(current) == b"v2\n"
+    assert rindex.versions(root) == [1]
+
+
+def test_a_build_of_another_model_does_not_replace_a_live_version(ray_local, base, tmp_path):
+    root = str(tmp_path / "live")
+    rindex.build_index(rindex.IndexConfig(base["run"], root, shards=1, task_cpus=0.5))
+    other = _run(str(tmp_path / "other"), _vectors(200, 3), "o", fingerprint="c" * 64)
+    with pytest.raises(rindex.IndexStoreError, match="allow-model-change"):
+        rindex.build_index(rindex.IndexConfig(other, root, task_cpus=0.5))
+    assert rindex.current_version(root) == 1 and rindex.versions(root) == [1]
+    m = rindex.build_index(rindex.IndexConfig(other, root, task_cpus=0.5, allow_model_change=True))
+    assert m["version"] == 2 and m["fingerprint"] == "c" * 64
+
+
+def test_more_shards_than_parts_splits_rows(ray_local, tmp_path):
+    """`--shards 3` over a run of one Parquet part used to build one shard silently."""
+    x = _vectors(300, 5)
+    run = _run(str(tmp_path / "one-part"), x, "p", shard=1000)
+    assert len(store.committed_parts(run)) == 1
+    root = str(tmp_path / "split")
+    manifest = rindex.build_index(rindex.IndexConfig(run, root, shards=3, task_cpus=0.5))
+    assert [s["ntotal"] for s in manifest["shards"]] == [100, 100, 100]
+    idx = rindex.load_index(root)
+    res = idx.search(x, 1, fingerprint=FP)
+    np.testing.assert_array_equal(res.ids[:, 0], np.arange(300))
+    assert sorted(int(i) for s in idx.shards for i in s.ids) == list(range(300))

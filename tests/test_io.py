@@ -83,3 +83,76 @@ def test_join_and_stem():
     assert rio.join("s3://b/p/", "x", "y.jpg") == "s3://b/p/x/y.jpg"
     assert rio.stem("s3://b/p/R000123.jpg") == "R000123"
     assert rio.stem("/tmp/Q1.png") == "Q1"
+
+
+def symlinked_tree(tmp_path, image: bytes) -> tuple[str, dict[str, int]]:
+    """A folder with a real image, a link to an image, a link to a folder of images, a folder
+    reached twice (once through a link), two link loops and a broken link. Returns the folder
+    and what its listing must be (path under the folder -> size)."""
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "b.jpg").write_bytes(image)
+    (outside / "sub" / "c.jpg").write_bytes(image[:100])
+    root = tmp_path / "images"
+    (root / "real").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(image)
+    (root / "real" / "x.jpg").write_bytes(image[:50])
+    (root / "link.jpg").symlink_to(outside / "b.jpg")
+    (root / "linkdir").symlink_to(outside, target_is_directory=True)
+    (root / "dup").symlink_to("real", target_is_directory=True)  # real/ a second time
+    (root / "real" / "loop").symlink_to("..", target_is_directory=True)  # back to the root
+    (root / "real" / "self").symlink_to(".", target_is_directory=True)
+    (outside / "sub" / "up").symlink_to(root, target_is_directory=True)  # a loop via the link
+    (root / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (root / "cycle.jpg").symlink_to("cycle.jpg")  # a link to itself: unreadable, like a broken one
+    (root / ".hidden.jpg").symlink_to(outside / "b.jpg")
+    (root / ".hiddendir").symlink_to(outside, target_is_directory=True)
+    expected = {
+        "a.jpg": len(image),
+        "broken.jpg": 0,
+        "cycle.jpg": 0,
+        "link.jpg": len(image),
+        "linkdir/b.jpg": len(image),
+        "linkdir/sub/c.jpg": 100,
+        "real/x.jpg": 50,
+    }
+    return str(root), expected
+
+
+def test_local_listing_follows_symlinks_once(tmp_path):
+    image = bytes(range(256)) * 8
+    root, expected = symlinked_tree(tmp_path, image)
+    files = rio.list_files(root, rio.IMAGE_SUFFIXES)
+    got = {os.path.relpath(f.uri, root): f.size for f in files}
+    assert got == expected
+    assert [f.uri for f in files] == sorted(f.uri for f in files)
+    assert all(f.uri.startswith(root + os.sep) for f in files)  # paths under the root, not targets
+    assert all(f.version.isdigit() for f in files)
+    top = rio.list_files(root, rio.IMAGE_SUFFIXES, recursive=False)
+    assert sorted(os.path.relpath(f.uri, root) for f in top) == [
+        "a.jpg", "broken.jpg", "cycle.jpg", "link.jpg"]  # fmt: skip
+    # a listing of the link itself, and of a linked folder, work like the real ones
+    assert [f.size for f in rio.list_files(os.path.join(root, "link.jpg"))] == [len(image)]
+    # Listed from the linked folder, the loop back (sub/up -> images/) leads outside the listed
+    # root: images/ is walked once there, and its own link back to linkdir/ is not followed.
+    linked = rio.list_files(os.path.join(root, "linkdir"), rio.IMAGE_SUFFIXES)
+    up = ["a.jpg", "broken.jpg", "cycle.jpg", "link.jpg", "real/x.jpg"]
+    assert [os.path.relpath(f.uri, root) for f in linked] == [
+        "linkdir/b.jpg", "linkdir/sub/c.jpg", *[f"linkdir/sub/up/{u}" for u in up]]  # fmt: skip
+
+
+def test_version_of_a_plain_file_is_unchanged(tmp_path):
+    """Manifests written before symlinks were followed must still match (same size and version),
+    or re-running an old embedding run would be refused as a changed input."""
+    path = tmp_path / "d" / "x.jpg"
+    rio.write_bytes(str(path), b"abc")
+    st = os.stat(path)
+    [info] = rio.list_files(str(tmp_path / "d"))
+    assert info.version == str(int(float(st.st_mtime) * 1e9)) and info.size == 3
+
+
+def test_broken_link_read_says_so(tmp_path):
+    link = tmp_path / "gone.jpg"
+    link.symlink_to(tmp_path / "deleted.jpg")
+    with pytest.raises(rio.StorageError, match="broken symbolic link"):
+        rio.read_bytes(str(link))
