@@ -10,12 +10,20 @@ copies of the references (JPEG bytes, the same for every setting) at concurrency
     http unbatched  the same application with max_batch_size 1 (changed live via user_config)
 
 and prints p50/p99 latency and requests/s per setting, the HTTP+Serve overhead at p50 against
-in-process, and the batched/unbatched throughput ratio. Figures, never asserts.
+in-process, and the batched/unbatched throughput ratio.
+
+Then the fault scenarios (`--faults`, on by default; `--no-faults` skips them), each a window of
+`--fault-seconds` of the same query load (concurrency 4) against the batched app, side by side
+with a clean window: a replica killed (`ray.kill`) two seconds in (embedder, one searcher, the
+ingress), 70 slow clients trickling a byte every 2 s, and 6 clients looping on a costly image (a
+7999x7999 PNG of ~200 KB). It prints req/s, p50/p99 and the status codes each window got (`-1`:
+no HTTP answer at all). Figures, never asserts.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import random
 import socket
@@ -109,6 +117,128 @@ def _load(call, queries: list[bytes], concurrency: int, n: int, budget_s: float)
     }
 
 
+def _fault_window(url: str, queries: list[bytes], seconds: float, disturb) -> dict:
+    """`seconds` of concurrency-4 load (at most 2000 requests) while `disturb(stop)` runs in a
+    thread; returns req/s, p50/p99 of the 200s and the count of each status code."""
+    codes: collections.Counter = collections.Counter()
+    lat: list[float] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    deadline = time.monotonic() + seconds
+    local = threading.local()
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        local.session = requests.Session()
+        while time.monotonic() < deadline:
+            with lock:
+                if sum(codes.values()) >= 2000:
+                    return
+            t = time.perf_counter()
+            try:
+                code = local.session.post(url, data=rng.choice(queries), timeout=60).status_code
+            except requests.RequestException:
+                code = -1
+            with lock:
+                codes[code] += 1
+                if code == 200:
+                    lat.append((time.perf_counter() - t) * 1000)
+
+    extra = threading.Thread(target=disturb, args=(stop,), daemon=True)
+    t0 = time.perf_counter()
+    extra.start()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(worker, range(4)))
+    wall = time.perf_counter() - t0
+    stop.set()
+    extra.join(timeout=60)
+    arr = np.array(lat) if lat else np.array([np.nan])
+    return {"rps": codes[200] / wall, "p50": float(np.percentile(arr, 50)),
+            "p99": float(np.percentile(arr, 99)), "codes": dict(sorted(codes.items()))}  # fmt: skip
+
+
+def _kill_after(deployment: str, delay: float):
+    def disturb(stop: threading.Event) -> None:
+        import ray
+
+        if stop.wait(delay):
+            return
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            if a["name"].startswith("SERVE_REPLICA") and f"#{deployment}#" in a["name"]:
+                ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+                return
+
+    return disturb
+
+
+def _slow_clients(port: int, n: int = 70, gap_s: float = 2.0):
+    def one(stop: threading.Event) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"POST /v1/match HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Content-Length: 100000\r\n\r\n")  # fmt: skip
+                s.settimeout(gap_s)
+                while not stop.is_set():
+                    s.sendall(b"x")
+                    try:
+                        if s.recv(4096):
+                            return  # answered (the body deadline passed)
+                    except TimeoutError:
+                        pass
+        except OSError:
+            return
+
+    def disturb(stop: threading.Event) -> None:
+        # each slow client comes back as soon as it is answered, until the window ends
+        def loop() -> None:
+            while not stop.is_set():
+                one(stop)
+
+        threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
+        for t in threads:
+            t.start()
+        stop.wait()
+        for t in threads:
+            t.join(timeout=10)
+
+    return disturb
+
+
+def _costly_clients(url: str, n: int = 6):
+    buf = io.BytesIO()
+    Image.new("L", (7999, 7999), 128).save(buf, "PNG", compress_level=9)
+    data = buf.getvalue()
+
+    def disturb(stop: threading.Event) -> None:
+        def loop() -> None:
+            session = requests.Session()
+            while not stop.is_set():
+                try:
+                    session.post(url, data=data, timeout=60)
+                except requests.RequestException:
+                    time.sleep(0.1)
+
+        threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
+        for t in threads:
+            t.start()
+        stop.wait()
+        for t in threads:
+            t.join(timeout=70)
+
+    return disturb, len(data)
+
+
+def _wait_healthy(base: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{base}/v1/health", timeout=5).json().get("status") == "ok":
+                return
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(0.5)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="default")
@@ -117,6 +247,11 @@ def main() -> int:
     p.add_argument("--requests", default="40,120,200", help="requests at concurrency 1,8,32")
     p.add_argument("--budget", type=float, default=60.0, help="seconds at most per setting")
     p.add_argument("--threads", type=int, default=2, help="torch threads, in-process and Serve")
+    p.add_argument("--faults", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the fault scenarios after the latency settings")  # fmt: skip
+    p.add_argument("--fault-seconds", type=float, default=15.0, help="length of each window")
+    p.add_argument("--only-faults", action="store_true", help="skip the latency settings")
+    p.add_argument("--ingress-replicas", type=int, default=1)
     args = p.parse_args()
     counts = [int(x) for x in args.requests.split(",")]
 
@@ -141,6 +276,7 @@ def main() -> int:
     queries = _queries(photos[: args.refs], 64)
     index = load_index(root)
     results: dict[str, dict[int, dict]] = {}
+    faults: dict[str, dict] = {}
 
     def in_process(data: bytes) -> bool:
         q = model.embed(load_for_model(data, model.image_size)[None])
@@ -148,10 +284,11 @@ def main() -> int:
         return True
 
     in_process(queries[0])
-    results["in-process"] = {
-        c: _load(in_process, queries, c, n, args.budget)
-        for c, n in zip(CONCURRENCY, counts, strict=True)
-    }
+    if not args.only_faults:
+        results["in-process"] = {
+            c: _load(in_process, queries, c, n, args.budget)
+            for c, n in zip(CONCURRENCY, counts, strict=True)
+        }
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,7 +303,8 @@ def main() -> int:
         r = local.session.post(url, data=data, timeout=120)
         return r.status_code == 200
 
-    for label, batch in (("http batched", 16), ("http unbatched", 1)):
+    settings = (("http batched", 16), ("http unbatched", 1))
+    for label, batch in settings[:1] if args.only_faults else settings:
         cfg = ServeConfig(
             index=root,
             model=args.model,
@@ -175,29 +313,54 @@ def main() -> int:
             embed_threads=args.threads,
             embedder_cpus=1.0,
             max_queued_requests=1024,
+            ingress_replicas=args.ingress_replicas,
             name="bench",
         )
         serve.run(build_app(cfg), name="bench", route_prefix="/", blocking=False)
         for _ in range(4):
             over_http(queries[0])
-        results[label] = {
-            c: _load(over_http, queries, c, n, args.budget)
-            for c, n in zip(CONCURRENCY, counts, strict=True)
-        }
+        if not args.only_faults:
+            results[label] = {
+                c: _load(over_http, queries, c, n, args.budget)
+                for c, n in zip(CONCURRENCY, counts, strict=True)
+            }
+        if label == "http batched" and (args.faults or args.only_faults):
+            base = f"http://127.0.0.1:{port}"
+            costly, costly_bytes = _costly_clients(url)
+            scenarios = {
+                "clean": lambda stop: stop.wait(),
+                "embedder killed": _kill_after("Embedder", 2.0),
+                "searcher killed": _kill_after("Searcher0", 2.0),
+                "ingress killed": _kill_after("Ingress", 2.0),
+                "70 slow clients": _slow_clients(port),
+                f"6 x costly PNG ({costly_bytes // 1000} KB, 64 MP)": costly,
+            }
+            for name, disturb in scenarios.items():
+                _wait_healthy(base)
+                faults[name] = _fault_window(url, queries, args.fault_seconds, disturb)
     serve.shutdown()
     ray.shutdown()
 
-    print(
-        f"\nmodel {model.name} ({model.image_size}px, {model.dim}-d), {args.refs} references "
-        f"in 2 shards, torch threads {args.threads}, {len(queries)} distinct query JPEGs"
-    )
-    print(f"{'setting':<16}{'conc':>5}{'n':>6}{'err':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}")
-    for label, by_c in results.items():
-        for c, r in by_c.items():
-            print(
-                f"{label:<16}{c:>5}{r['n']:>6}{r['errors']:>5}{r['p50']:>9.1f}{r['p99']:>9.1f}"
-                f"{r['rps']:>8.1f}"
-            )
+    if results:
+        print(
+            f"\nmodel {model.name} ({model.image_size}px, {model.dim}-d), {args.refs} references "
+            f"in 2 shards, torch threads {args.threads}, {len(queries)} distinct query JPEGs"
+        )
+        print(f"{'setting':<16}{'conc':>5}{'n':>6}{'err':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}")
+        for label, by_c in results.items():
+            for c, r in by_c.items():
+                print(
+                    f"{label:<16}{c:>5}{r['n']:>6}{r['errors']:>5}{r['p50']:>9.1f}{r['p99']:>9.1f}"
+                    f"{r['rps']:>8.1f}"
+                )
+    if faults:
+        print(f"\nfaults: {args.fault_seconds:.0f} s windows of concurrency-4 load each, "
+              f"{args.ingress_replicas} ingress replica(s)")  # fmt: skip
+        print(f"{'scenario':<34}{'req/s':>7}{'p50 ms':>9}{'p99 ms':>9}  status codes")
+        for name, r in faults.items():
+            print(f"{name:<34}{r['rps']:>7.1f}{r['p50']:>9.1f}{r['p99']:>9.1f}  {r['codes']}")
+    if args.only_faults:
+        return 0
     base, hb, hu = results["in-process"], results["http batched"], results["http unbatched"]
     print(
         f"HTTP+Serve overhead at p50, concurrency 1: batched {hb[1]['p50'] - base[1]['p50']:+.1f}"

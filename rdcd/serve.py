@@ -17,8 +17,20 @@ every searcher to load its shards of the new version next to the old one, and on
 so a query never mixes versions and a restart is never needed. A searcher that does not answer
 within `shard_timeout_s` is left out and its shards are named in `missing_shards`.
 
-Bad input is a 4xx with `{"error": reason}`, overload a 503 (Serve's `max_queued_requests` on the
-ingress, the embedder's queue behind it), never an unbounded queue.
+Every replica starts from the version the application was deployed with (`build_app` checks it
+and pins it; versions never change once published), never from an unchecked `CURRENT`: a
+restarted embedder, searcher or ingress comes back serving, and the ingress then moves to
+`CURRENT` only through the same checks, falling back to the newest published version of its
+model when `CURRENT` names one it refuses. `GET /v1/health` says `ok`, `degraded` (served version
+is not `CURRENT`, a searcher does not answer) or `unhealthy` (the embedder or every searcher is
+down: HTTP 503), with the reasons, so a load balancer can act on it.
+
+Bad input is a 4xx with `{"error": reason}`; overload, a fault (a replica that died or is being
+replaced) or a passed deadline is a 503 with `Retry-After`, as JSON. Every request has deadlines
+from its first byte: `body_timeout_s` to finish the upload (slow clients cannot hold the
+endpoint) and `request_timeout_s` to the answer. The ingress takes many connections at once
+(`max_ongoing_requests`), bounded by the bytes of uploads in flight (`max_inflight_bytes`), and
+the embedder's queue is bounded (`embed_queue`).
 
 `app_builder` is the one import path: `serve run rdcd.serve:app_builder index=... model=...`
 (or `jobs.serve:app_builder`), `serve deploy cluster/serve.yaml`, and `rdcd serve` all call it.
@@ -28,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import hmac
 import logging
 import math
@@ -47,11 +60,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
 from rdcd import index as rindex
+from rdcd import io as rio
 from rdcd.decode import DEFAULT_MAX_PIXELS, DecodeConfig, DecodeError, load_for_model
 from rdcd.search import (
     FingerprintMismatchError,
@@ -71,12 +86,19 @@ MAX_SEARCHERS = 4  # default number of searcher deployments: one per shard, at m
 APP_NAME = "rdcd"
 
 
-class ServeError(ValueError):
-    """A request that cannot be answered; `status` is the HTTP status, `reason` says why."""
+RETRY_AFTER_S = 1  # what a 503 tells a client to wait before it retries
 
-    def __init__(self, status: int, reason: str):
+
+class ServeError(ValueError):
+    """A request that cannot be answered; `status` is the HTTP status, `reason` says why. A 503
+    (overload, a fault, a deadline) always says when to retry."""
+
+    def __init__(self, status: int, reason: str, retry_after: int | None = None):
         super().__init__(reason)
         self.status, self.reason = status, reason
+        self.retry_after = retry_after if retry_after is not None else (
+            RETRY_AFTER_S if status == 503 else None
+        )  # fmt: skip
 
 
 @dataclass
@@ -106,10 +128,17 @@ class ServeConfig:
     poll_interval_s: float = 5.0
     shard_timeout_s: float = 5.0  # a searcher slower than this is reported in missing_shards
     embed_timeout_s: float = 30.0  # an embedding slower than this is a 503
+    # deadlines from a request's first byte: the upload, then the whole answer (503 when passed)
+    body_timeout_s: float = 10.0
+    request_timeout_s: float = 30.0
+    health_timeout_s: float = 2.0  # how long /v1/health waits for each replica's answer
     searchers: int | None = None  # searcher deployments; None: one per shard, at most 4
-    # overload: beyond these, requests get 503 instead of waiting in an unbounded queue
-    max_ongoing_requests: int = 64  # per ingress replica
+    # overload: beyond these, requests get 503 instead of waiting in an unbounded queue. The
+    # ingress only awaits (uploads, the embedder, the searchers), so it takes many requests at
+    # once: slow uploads must not hold every slot; memory is bounded by max_inflight_bytes.
+    max_ongoing_requests: int = 512  # per ingress replica
     max_queued_requests: int = 128  # per ingress deployment (then the proxy answers 503)
+    max_inflight_bytes: int = 512 * 1024 * 1024  # upload bytes held by one ingress replica
     embed_queue: int = 256  # images queued at the embedder (then the ingress answers 503)
     # resources (fractions of a CPU are fine: the ingress and searchers mostly wait)
     ingress_replicas: int = 1
@@ -134,8 +163,12 @@ class ServeConfig:
             raise ValueError(f"max_upload_bytes must be positive, got {self.max_upload_bytes}")
         if self.searchers is not None and self.searchers < 1:
             raise ValueError(f"searchers must be >= 1, got {self.searchers}")
-        if self.poll_interval_s <= 0 or self.shard_timeout_s <= 0:
-            raise ValueError("poll_interval_s and shard_timeout_s must be positive")
+        for name in ("poll_interval_s", "shard_timeout_s", "embed_timeout_s", "body_timeout_s",
+                     "request_timeout_s", "health_timeout_s"):  # fmt: skip
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_inflight_bytes < self.max_upload_bytes:
+            raise ValueError("max_inflight_bytes must be at least max_upload_bytes")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeConfig:
@@ -157,6 +190,10 @@ INGRESS_SETTINGS = (
     "poll_interval_s",
     "shard_timeout_s",
     "embed_timeout_s",
+    "body_timeout_s",
+    "request_timeout_s",
+    "health_timeout_s",
+    "max_inflight_bytes",
     "token_env",
 )
 EMBEDDER_SETTINGS = ("max_batch_size", "batch_wait_timeout_s")
@@ -207,6 +244,7 @@ class Embedder:
         max_pixels: int,
         max_bytes: int,
         threads: int,
+        version: int | None = None,
     ) -> None:
         import torch
 
@@ -216,13 +254,23 @@ class Embedder:
             torch.set_num_threads(threads)
         self.model = load_model(model, teacher=teacher)
         self.decode_config = DecodeConfig(max_pixels=max_pixels, max_bytes=max_bytes)
-        # Refuse at load: an index of another model would answer every query with noise.
-        manifest = rindex.read_manifest(index)
-        check_fingerprint(
-            manifest["fingerprint"], self.model.fingerprint, f"index {index} v{manifest['version']}"
-        )
+        # Refuse at load an index of another model (it would answer every query with noise),
+        # checked against the version the app was deployed with: it never changes, so a
+        # restarted replica comes back whatever CURRENT names meanwhile (the ingress checks
+        # every newer version itself).
+        try:
+            manifest = rindex.read_manifest(index, version)
+        except (rindex.IndexStoreError, rio.StorageError) as exc:
+            log.warning("embedder: cannot re-check the index (%s); the ingress checks it", exc)
+        else:
+            where = f"index {index} v{manifest['version']}"
+            check_fingerprint(manifest["fingerprint"], self.model.fingerprint, where)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdcd-embed")
         log.info("embedder ready: %s", self.model.describe())
+
+    def ping(self) -> str:
+        """For `/v1/health`: answers only when the replica is up and its event loop is free."""
+        return self.model.fingerprint
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         if "max_batch_size" in config:
@@ -268,16 +316,27 @@ class Searcher:
 
     KEEP = 2
 
-    def __init__(self, index: str, group: int, groups: int, threads: int = 1) -> None:
+    def __init__(
+        self, index: str, group: int, groups: int, threads: int = 1, version: int | None = None
+    ) -> None:
         import faiss
 
         faiss.omp_set_num_threads(max(1, threads))
         self.root, self.group, self.groups = index, group, groups
         self._loaded: dict[int, ShardedIndex] = {}
         self._lock = threading.Lock()
-        version = rindex.current_version(index)
+        # Preload the deployed version (checked by build_app); any other version is loaded
+        # when the ingress asks for it (`prepare`, or the first search naming it). CURRENT is
+        # never read here: it may name a version the ingress refuses.
         if version is not None:
-            self._load(version)
+            try:
+                self._load(version)
+            except Exception:  # noqa: BLE001 - a replica that cannot preload still serves later
+                log.exception("searcher %d/%d: could not preload v%d", group, groups, version)
+
+    def ping(self) -> list[int]:
+        """For `/v1/health`: the versions this replica holds."""
+        return sorted(self._loaded)
 
     def _load(self, version: int) -> ShardedIndex:
         with self._lock:
@@ -330,22 +389,40 @@ class _Version:
     groups: list[list[str]]
 
 
-def _error(status: int, reason: str) -> JSONResponse:
-    return JSONResponse({"error": reason}, status_code=status)
+def _error(status: int, reason: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": reason}, status_code=status, headers=headers)
 
 
-api = FastAPI(title="rdcd copy detection", version="1")
+# No unauthenticated schema or docs pages: `GET /v1/openapi.json` serves the schema behind the
+# same token as every other route.
+api = FastAPI(title="rdcd copy detection", version="1", docs_url=None, redoc_url=None,
+              openapi_url=None)  # fmt: skip
 
 
 @api.exception_handler(ServeError)
 async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
-    return _error(exc.status, exc.reason)
+    return _error(exc.status, exc.reason, exc.retry_after)
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
     return _error(422, "invalid request: " + "; ".join(parts))
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    """A bug, not the request's fault: still JSON, with the type, never a bare traceback."""
+    log.exception("unexpected error answering a request")
+    return _error(500, f"internal error ({type(exc).__name__}); please report it")
+
+
+@api.exception_handler(RayError)
+async def _ray_error(_: Request, exc: RayError) -> JSONResponse:
+    """A replica behind the ingress died or is being replaced: capacity, not the request."""
+    log.warning("a backend replica failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+    return _error(503, f"temporarily unavailable ({type(exc).__name__}), retry", RETRY_AFTER_S)
 
 
 def _parse_k(value: str | None, default: int, max_k: int) -> int:
@@ -386,6 +463,25 @@ def _replay(body: bytes) -> Callable[[], Any]:
     return receive
 
 
+def token_digest(token: str, salt: str | None = None) -> dict[str, str]:
+    """What the ingress keeps of a bearer token: a salted sha256, never the token, so the token
+    is not in Ray's logs, its runtime environment or the deployment's stored arguments."""
+    salt = salt or os.urandom(16).hex()
+    return {"salt": salt, "sha256": hashlib.sha256((salt + token).encode()).hexdigest()}
+
+
+class _Deadline:
+    """A request's deadlines, counted from when the ingress first saw it."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.t0 = time.monotonic()
+        self.body = self.t0 + float(settings["body_timeout_s"])
+        self.end = self.t0 + float(settings["request_timeout_s"])
+
+    def left(self, until: float | None = None) -> float:
+        return max(0.0, min(until or self.end, self.end) - time.monotonic())
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
@@ -397,6 +493,8 @@ class Ingress:
         embedder: DeploymentHandle,
         searchers: list[DeploymentHandle],
         settings: dict[str, Any],
+        version: int | None = None,
+        auth: dict[str, str] | None = None,
     ) -> None:
         import faiss
 
@@ -406,12 +504,20 @@ class Ingress:
         self.searchers = searchers
         self.settings = {k: getattr(ServeConfig, k) for k in INGRESS_SETTINGS}
         self.settings.update(settings)
+        self.auth = auth
         self.model: dict[str, Any] | None = None
         self.rejected: dict[int, str] = {}
         self._failures: dict[int, int] = {}
         self._poller: asyncio.Task | None = None
         self._refresh_lock = asyncio.Lock()
-        self.current = self._read_version(rindex.current_version(index))
+        self._inflight_bytes = 0
+        self._health: tuple[float, dict[str, Any], int] | None = None
+        self.latest: int | None = None  # what CURRENT named at the last poll
+        # Start from the deployed version (checked by build_app), never from an unchecked
+        # CURRENT; the poller then moves to CURRENT through the same checks as any new version.
+        self.current = self._read_version(
+            version if version is not None else rindex.current_version(index)
+        )
         try:
             self._ensure_poller()
         except RuntimeError:  # no running loop here: the first request or health check starts it
@@ -456,56 +562,78 @@ class Ingress:
             self.model = await self.embedder.describe.remote()
         return self.model
 
+    async def _try_switch(self, version: int, model: dict[str, Any]) -> bool:
+        """Check `version` and have every searcher load it; switch to it if all went well."""
+        try:
+            candidate = await asyncio.to_thread(self._read_version, version)
+            check_fingerprint(
+                candidate.manifest["fingerprint"],
+                model["fingerprint"],
+                f"index {self.root} v{version}",
+            )
+            await asyncio.gather(*(s.prepare.remote(version) for s in self.searchers))
+        except FingerprintMismatchError as exc:
+            self.rejected[version] = str(exc)
+            log.error("refusing index v%d: %s", version, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - keep serving the old version
+            self._failures[version] = self._failures.get(version, 0) + 1
+            if self._failures[version] >= 3:
+                self.rejected[version] = f"failed to load 3 times: {exc}"
+            log.warning(
+                "could not load index v%d (keeping v%d): %s", version, self.current.version, exc
+            )
+            return False
+        log.info("serving index v%d (was v%d)", version, self.current.version)
+        self.current = candidate
+        return True
+
     async def refresh(self) -> int:
         """Switch to the version CURRENT names, if it is new and servable; returns the version
-        served afterwards. A version of another model is refused and the old one kept."""
+        served afterwards. A version of another model is refused; the ingress then serves the
+        newest published version of its own model (the one it served before, or, after a
+        restart, the last good one since the version it was deployed with)."""
         async with self._refresh_lock:
             latest = await asyncio.to_thread(rindex.current_version, self.root)
-            if latest is None or latest == self.current.version or latest in self.rejected:
+            self.latest = latest
+            if latest is None or latest == self.current.version:
                 return self.current.version
             model = await self._model()
-            try:
-                candidate = await asyncio.to_thread(self._read_version, latest)
-                check_fingerprint(
-                    candidate.manifest["fingerprint"],
-                    model["fingerprint"],
-                    f"index {self.root} v{latest}",
-                )
-                await asyncio.gather(*(s.prepare.remote(latest) for s in self.searchers))
-            except FingerprintMismatchError as exc:
-                self.rejected[latest] = str(exc)
-                log.error("refusing index v%d: %s", latest, exc)
-                return self.current.version
-            except Exception as exc:  # noqa: BLE001 - keep serving the old version
-                self._failures[latest] = self._failures.get(latest, 0) + 1
-                if self._failures[latest] >= 3:
-                    self.rejected[latest] = f"failed to load 3 times: {exc}"
-                log.warning(
-                    "could not load index v%d (keeping v%d): %s", latest, self.current.version, exc
-                )
-                return self.current.version
-            log.info("serving index v%d (was v%d)", latest, self.current.version)
-            self.current = candidate
-            return latest
+            if latest not in self.rejected and await self._try_switch(latest, model):
+                return latest
+            if latest in self.rejected:
+                published = await asyncio.to_thread(rindex.published_versions, self.root)
+                for v in sorted(published, reverse=True):
+                    if v <= self.current.version:
+                        break
+                    if v != latest and v not in self.rejected and await self._try_switch(v, model):
+                        break
+            return self.current.version
 
     async def check_health(self) -> None:
-        """Serve's periodic health check also restarts the poller if it ever stopped."""
+        """Serve's periodic health check also restarts the poller if it ever stopped (it does
+        not fail on a sick backend: restarting the ingress would not cure that)."""
         self._ensure_poller()
 
     # -- request plumbing --
 
     def _authorize(self, request: Request) -> None:
         token = os.environ.get(str(self.settings["token_env"]))
-        if not token:
+        if not token and not self.auth:
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), token.encode()
-        ):
+        given = given.strip()
+        if token:
+            ok = hmac.compare_digest(given.encode(), token.encode())
+        else:
+            assert self.auth is not None
+            want = self.auth["sha256"]
+            ok = hmac.compare_digest(token_digest(given, self.auth["salt"])["sha256"], want)
+        if scheme.lower() != "bearer" or not ok:
             raise ServeError(401, "missing or invalid bearer token")
 
-    async def _read_body(self, request: Request, limit: int) -> bytes:
+    async def _read_body(self, request: Request, limit: int, deadline: _Deadline) -> bytes:
         length = request.headers.get("content-length")
         if length is not None:
             try:
@@ -514,18 +642,43 @@ class Ingress:
                 raise ServeError(400, f"invalid Content-Length {length[:20]!r}") from None
             if declared > limit:
                 raise ServeError(413, f"upload of {declared} bytes exceeds the {limit}-byte limit")
+        budget = int(self.settings["max_inflight_bytes"])
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ServeError(413, f"upload exceeds the {limit}-byte limit")
+        held = 0
+
+        def hold(n: int) -> None:
+            nonlocal held
+            if self._inflight_bytes + n > budget:
+                raise ServeError(503, "overloaded: too many uploads in flight, retry later")
+            self._inflight_bytes += n
+            held += n
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                hold(len(chunk))
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise ServeError(413, f"upload exceeds the {limit}-byte limit")
+
+        try:
+            await asyncio.wait_for(read(), deadline.left(deadline.body))
+        except asyncio.TimeoutError:
+            raise ServeError(
+                503,
+                f"the upload did not arrive within {self.settings['body_timeout_s']} s "
+                f"({len(body)} bytes received); send it faster or retry",
+            ) from None
+        finally:
+            self._inflight_bytes -= held
         return bytes(body)
 
-    async def _images(self, request: Request, many: bool) -> list[bytes]:
+    async def _images(self, request: Request, many: bool, deadline: _Deadline) -> list[bytes]:
         """The uploaded images: every file part of a multipart form, else the raw body."""
         per_image = int(self.settings["max_upload_bytes"])
         count = int(self.settings["max_batch_images"]) if many else 1
-        body = await self._read_body(request, per_image * count + (64 * 1024 if many else 0))
+        body = await self._read_body(
+            request, per_image * count + (64 * 1024 if many else 0), deadline
+        )
         ctype = request.headers.get("content-type", "").lower()
         if not ctype.startswith("multipart/form-data"):
             if many:
@@ -535,8 +688,13 @@ class Ingress:
             return [body]
         form_request = Request(request.scope, receive=_replay(body))
         try:
-            form = await form_request.form(max_files=count + 1, max_fields=count + 16)
+            # Parse up to a bound well above the limit, so "too many images" is counted and
+            # answered as 413, not as the parser's own 400.
+            form = await form_request.form(max_files=4 * count + 16, max_fields=4 * count + 16)
         except Exception as exc:  # noqa: BLE001 - starlette raises several kinds
+            if "too many" in str(exc).lower():
+                raise ServeError(413, f"too many parts in one request, the limit is {count} "
+                                      "images") from None  # fmt: skip
             raise ServeError(400, f"malformed multipart upload: {exc}") from None
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
@@ -554,23 +712,31 @@ class Ingress:
             out.append(data)
         return out
 
-    async def _embed(self, data: bytes) -> dict[str, Any]:
+    async def _embed(self, data: bytes, deadline: _Deadline) -> dict[str, Any]:
         if not data:
             return {"error": "empty image", "status": 400}
+        timeout = min(float(self.settings["embed_timeout_s"]), deadline.left())
         try:
             response = self.embedder.embed.remote(data)
-            return await asyncio.wait_for(response, float(self.settings["embed_timeout_s"]))
+            return await asyncio.wait_for(response, timeout)
         except BackPressureError:
             raise ServeError(503, "overloaded: the embedder's queue is full, retry later") from None
         except asyncio.TimeoutError:
             raise ServeError(503, "overloaded: embedding took too long, retry later") from None
-        except RayServeException as exc:
-            raise ServeError(503, f"embedder unavailable: {exc}") from None
+        except (RayServeException, RayActorError) as exc:
+            # The embedder replica died or is restarting: Serve brings it back.
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ServeError(503, f"embedder unavailable ({first}), retry later") from None
 
     async def _search(
-        self, version: _Version, queries: np.ndarray, k: int, fingerprint: str
+        self,
+        version: _Version,
+        queries: np.ndarray,
+        k: int,
+        fingerprint: str,
+        deadline: _Deadline,
     ) -> tuple[np.ndarray, np.ndarray, dict, list[str]]:
-        timeout = float(self.settings["shard_timeout_s"])
+        timeout = max(0.001, min(float(self.settings["shard_timeout_s"]), deadline.left()))
 
         async def ask(g: int) -> dict[str, Any]:
             call = self.searchers[g].search.remote(queries, k, version.version, fingerprint)
@@ -598,12 +764,17 @@ class Ingress:
         return raw, ids, uris, missing
 
     async def _match(
-        self, images: list[bytes], k: int, threshold: float | None, single: bool
+        self,
+        images: list[bytes],
+        k: int,
+        threshold: float | None,
+        single: bool,
+        deadline: _Deadline,
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
         self._ensure_poller()
         version = self.current
-        embedded = await asyncio.gather(*(self._embed(b) for b in images))
+        embedded = await asyncio.gather(*(self._embed(b, deadline) for b in images))
         t_embed = time.perf_counter()
         if single and "error" in embedded[0]:
             raise ServeError(int(embedded[0]["status"]), str(embedded[0]["error"]))
@@ -618,7 +789,7 @@ class Ingress:
         t_search = t_embed
         if good:
             queries = np.stack([embedded[i]["vector"] for i in good]).astype(np.float32)
-            raw, ids, uris, missing = await self._search(version, queries, k, fingerprint)
+            raw, ids, uris, missing = await self._search(version, queries, k, fingerprint, deadline)
             t_search = time.perf_counter()
             found = version.finisher.finish(queries, raw, ids, tuple(missing))
             for row, i in enumerate(good):
@@ -663,16 +834,88 @@ class Ingress:
         normalised = version.finisher.normalizer is not None
         return DEFAULT_THRESHOLD_NORMALISED if normalised else DEFAULT_THRESHOLD
 
+    async def _answer(self, request: Request, many: bool) -> dict[str, Any]:
+        """One match request under its deadline (from the first byte the ingress saw)."""
+        deadline = _Deadline(self.settings)
+        self._authorize(request)
+        k = _parse_k(
+            request.query_params.get("k"), int(self.settings["k"]), int(self.settings["max_k"])
+        )
+        threshold = _parse_threshold(request.query_params.get("threshold"), None)
+
+        async def work() -> dict[str, Any]:
+            images = await self._images(request, many, deadline)
+            return await self._match(images, k, threshold, not many, deadline)
+
+        try:
+            return await asyncio.wait_for(work(), deadline.left())
+        except asyncio.TimeoutError:
+            raise ServeError(
+                503,
+                f"no answer within the {self.settings['request_timeout_s']} s deadline "
+                "(busy), retry later",
+            ) from None
+
+    # -- health --
+
+    async def _probe(self, call: Any, timeout: float) -> tuple[bool, str]:
+        try:
+            await asyncio.wait_for(call, timeout)
+            return True, ""
+        except asyncio.TimeoutError:
+            return False, f"no answer within {timeout} s"
+        except Exception as exc:  # noqa: BLE001 - any failure is the answer
+            return False, (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+    async def _health_report(self) -> tuple[dict[str, Any], int]:
+        timeout = float(self.settings["health_timeout_s"])
+        version = self.current
+        live = [g for g, names in enumerate(version.groups) if names]
+        probes = await asyncio.gather(
+            self._probe(self.embedder.ping.remote(), timeout),
+            *(self._probe(self.searchers[g].ping.remote(), timeout) for g in live),
+        )
+        degraded: list[str] = []
+        unhealthy: list[str] = []
+        embed_ok, why = probes[0]
+        if not embed_ok:
+            unhealthy.append(f"embedder not answering: {why}")
+        down = [g for g, (ok, _) in zip(live, probes[1:], strict=True) if not ok]
+        missing = [name for g in down for name in version.groups[g]]
+        for g, (ok, why) in zip(live, probes[1:], strict=True):
+            if not ok:
+                degraded.append(f"searcher {g} (shards {version.groups[g]}) not answering: {why}")
+        if live and len(down) == len(live):
+            unhealthy.append("no searcher answers: no shard can be searched")
+        latest = self.latest
+        if latest is not None and latest != version.version:
+            why = self.rejected.get(latest, "not loaded yet")
+            degraded.append(f"serving v{version.version}, but CURRENT names v{latest}: {why}")
+        status = "unhealthy" if unhealthy else ("degraded" if degraded else "ok")
+        body = {
+            "status": status,
+            "reasons": unhealthy + degraded,
+            "index_version": version.version,
+            "current_version": latest,
+            "missing_shards": missing,
+            "model": (self.model or {}).get("fingerprint"),
+        }
+        return body, 503 if unhealthy else 200
+
     # -- routes --
 
     @api.get("/v1/health")
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> JSONResponse:
+        """`ok`/`degraded` (200) or `unhealthy` (503), with reasons; cached for a second so a
+        fleet of load-balancer probes costs the backends one ping a second."""
         self._ensure_poller()
-        return {
-            "status": "ok",
-            "index_version": self.current.version,
-            "model": (self.model or {}).get("fingerprint"),
-        }
+        now = time.monotonic()
+        if self._health is None or now - self._health[0] > 1.0:
+            body, code = await self._health_report()
+            self._health = (now, body, code)
+        _, body, code = self._health
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if code == 503 else None
+        return JSONResponse(body, status_code=code, headers=headers)
 
     @api.get("/v1/index")
     async def index_info(self, request: Request) -> dict[str, Any]:
@@ -682,6 +925,7 @@ class Ingress:
         info = rindex.summary(version.manifest)
         info.update(
             root=self.root,
+            current_version=self.latest,
             score_normalised=version.finisher.normalizer is not None,
             threshold=self._default_threshold(version),
             searchers=[{"searcher": g, "shards": names} for g, names in enumerate(version.groups)],
@@ -690,28 +934,22 @@ class Ingress:
         )
         return info
 
+    @api.get("/v1/openapi.json")
+    async def openapi(self, request: Request) -> dict[str, Any]:
+        """The API schema, behind the token like every route but health."""
+        self._authorize(request)
+        return api.openapi()
+
     @api.post("/v1/match")
     async def match(self, request: Request) -> dict[str, Any]:
         """One image (raw bytes or a multipart file); query parameters `k`, `threshold`."""
-        self._authorize(request)
-        k = _parse_k(
-            request.query_params.get("k"), int(self.settings["k"]), int(self.settings["max_k"])
-        )
-        threshold = _parse_threshold(request.query_params.get("threshold"), None)
-        images = await self._images(request, many=False)
-        return await self._match(images, k, threshold, single=True)
+        return await self._answer(request, many=False)
 
     @api.post("/v1/match/batch")
     async def match_batch(self, request: Request) -> dict[str, Any]:
         """Several images as the file parts of one multipart upload; `results[i]` is the i-th
         file's matches, or its own `error` and `status` when it is not a usable image."""
-        self._authorize(request)
-        k = _parse_k(
-            request.query_params.get("k"), int(self.settings["k"]), int(self.settings["max_k"])
-        )
-        threshold = _parse_threshold(request.query_params.get("threshold"), None)
-        images = await self._images(request, many=True)
-        return await self._match(images, k, threshold, single=False)
+        return await self._answer(request, many=True)
 
 
 # ---- the application builder ---------------------------------------------------------------
@@ -726,46 +964,56 @@ def _cluster_has_gpu() -> bool:
 def build_app(cfg: ServeConfig) -> serve.Application:
     """The application for `cfg`: one ingress, one embedder, G searchers (each a deployment
     holding every G-th shard). Reads the published manifest to size G; refuses an index root
-    with nothing published."""
+    with nothing published. Every replica is pinned to that version to start from (see the
+    module docstring)."""
     cfg.validate()
+    cfg = dataclasses.replace(cfg, index=rio.canonical(cfg.index))  # replicas run elsewhere
     manifest = rindex.read_manifest(cfg.index)
+    version = int(manifest["version"])
     n_shards = len(manifest["shards"])
     groups = cfg.searchers or max(1, min(n_shards, MAX_SEARCHERS))
     gpus = (
         cfg.embedder_gpus if cfg.embedder_gpus is not None else (1.0 if _cluster_has_gpu() else 0.0)
     )
     threads = cfg.embed_threads or max(1, int(cfg.embedder_cpus))
+    from rdcd.models.teacher import trust_env  # here: the ingress and searchers need no torch
+
+    actor_options: dict[str, Any] = {"num_cpus": cfg.embedder_cpus, "num_gpus": gpus}
+    if trust_env():  # the TorchScript opt-in (not a secret) reaches the embedder's node
+        actor_options["runtime_env"] = {"env_vars": trust_env()}
     # Internal calls are not worth a log line each (the ingress logs every HTTP request).
     quiet = {"enable_access_log": False}
     embedder = Embedder.options(
         num_replicas=cfg.embedder_replicas,
-        ray_actor_options={"num_cpus": cfg.embedder_cpus, "num_gpus": gpus},
+        ray_actor_options=actor_options,
         max_ongoing_requests=max(cfg.max_batch_size * 2, 8),
         max_queued_requests=cfg.embed_queue,
         user_config={k: getattr(cfg, k) for k in EMBEDDER_SETTINGS},
         logging_config=quiet,
-    ).bind(cfg.model, cfg.teacher, cfg.index, cfg.max_pixels, cfg.max_upload_bytes, threads)
+    ).bind(cfg.model, cfg.teacher, cfg.index, cfg.max_pixels, cfg.max_upload_bytes, threads,
+           version)  # fmt: skip
     searchers = [
         Searcher.options(
             name=f"Searcher{g}",
             ray_actor_options={"num_cpus": cfg.searcher_cpus},
             max_ongoing_requests=64,
             logging_config=quiet,
-        ).bind(cfg.index, g, groups, max(1, int(cfg.searcher_cpus)))
+        ).bind(cfg.index, g, groups, max(1, int(cfg.searcher_cpus)), version)
         for g in range(groups)
     ]
     settings = {k: getattr(cfg, k) for k in INGRESS_SETTINGS}
-    runtime_env: dict[str, Any] = {}
+    # The driver's token reaches the ingress wherever Serve places it as a salted digest, never
+    # in clear (a runtime_env variable would be written to Ray's logs). A token set in the
+    # ingress's own environment (e.g. a cluster secret) is used as it is.
     token = os.environ.get(cfg.token_env)
-    if token:  # the driver's token reaches the ingress wherever Serve places it
-        runtime_env = {"env_vars": {cfg.token_env: token}}
+    auth = token_digest(token) if token else None
     return Ingress.options(
         num_replicas=cfg.ingress_replicas,
-        ray_actor_options={"num_cpus": cfg.ingress_cpus, "runtime_env": runtime_env},
+        ray_actor_options={"num_cpus": cfg.ingress_cpus},
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         user_config=settings,
-    ).bind(cfg.index, embedder, searchers, settings)
+    ).bind(cfg.index, embedder, searchers, settings, version, auth)
 
 
 def app_builder(args: ServeArgs) -> serve.Application:  # type: ignore[valid-type]
@@ -832,4 +1080,5 @@ __all__ = [
     "decode_status",
     "serve_forever",
     "shard_groups",
+    "token_digest",
 ]

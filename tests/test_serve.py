@@ -353,8 +353,9 @@ def test_index_of_another_model_is_refused(served, tmp_path):
     write_embeddings(str(tmp_path / "other"), [f"x{i}" for i in range(20)], vectors, identity)
     serving = served["http"].get(f"{served['url']}/v1/index", timeout=10).json()["version"]
     manifest = build_index(
-        IndexConfig(embeddings=str(tmp_path / "other"), out=served["root"], shards=1, task_cpus=0.5)
-    )
+        IndexConfig(embeddings=str(tmp_path / "other"), out=served["root"], shards=1,
+                    task_cpus=0.5, allow_model_change=True)
+    )  # fmt: skip
     deadline = time.monotonic() + 30
     info: dict = {}
     while time.monotonic() < deadline:
