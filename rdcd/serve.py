@@ -194,6 +194,7 @@ INGRESS_SETTINGS = (
     "request_timeout_s",
     "health_timeout_s",
     "max_inflight_bytes",
+    "max_ongoing_requests",
     "token_env",
 )
 EMBEDDER_SETTINGS = ("max_batch_size", "batch_wait_timeout_s")
@@ -511,6 +512,7 @@ class Ingress:
         self._poller: asyncio.Task | None = None
         self._refresh_lock = asyncio.Lock()
         self._inflight_bytes = 0
+        self._active = 0  # match requests in progress (admission control: a JSON 503 beyond)
         self._health: tuple[float, dict[str, Any], int] | None = None
         self.latest: int | None = None  # what CURRENT named at the last poll
         # Start from the deployed version (checked by build_app), never from an unchecked
@@ -847,6 +849,12 @@ class Ingress:
             images = await self._images(request, many, deadline)
             return await self._match(images, k, threshold, not many, deadline)
 
+        # Refused here, as JSON, before Serve's own cap (set a little higher in build_app) would
+        # queue the request at the proxy or answer with its plain-text 503.
+        limit = int(self.settings["max_ongoing_requests"])
+        if self._active >= limit:
+            raise ServeError(503, f"overloaded: {self._active} requests in progress, retry later")
+        self._active += 1
         try:
             return await asyncio.wait_for(work(), deadline.left())
         except asyncio.TimeoutError:
@@ -855,6 +863,8 @@ class Ingress:
                 f"no answer within the {self.settings['request_timeout_s']} s deadline "
                 "(busy), retry later",
             ) from None
+        finally:
+            self._active -= 1
 
     # -- health --
 
@@ -1010,7 +1020,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     return Ingress.options(
         num_replicas=cfg.ingress_replicas,
         ray_actor_options={"num_cpus": cfg.ingress_cpus},
-        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_ongoing_requests=cfg.max_ongoing_requests + 64,  # room for health and index calls
         max_queued_requests=cfg.max_queued_requests,
         user_config=settings,
     ).bind(cfg.index, embedder, searchers, settings, version, auth)
