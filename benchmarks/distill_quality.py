@@ -10,6 +10,10 @@ The evaluation set is a DISC2021-layout folder built from data no training run h
   set (`rdcd.demo.build_demo_set(hard=True)`);
 - the real copy pairs of ../shared/data/copy_pairs.csv (AugLy, ThreatExchange, imagededup,
   ISC2021; GCompris detail crops excluded), originals as references and copies as queries.
+
+With `--precisions torch-fp32,fp32,int8` each student is evaluated in each compute precision
+side by side (torch eager fp32, onnxruntime fp32, onnxruntime static int8), plus the mixed rows
+the shared fingerprint allows: references and background of one precision, queries of another.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import torch
 from rdcd import io as rio
 from rdcd.demo import build_demo_set
 from rdcd.distill import RDCD, DistillConfig, make_optimizer, train_step
+from rdcd.embed import embed_files
 from rdcd.evaluate import EvalConfig, evaluate
-from rdcd.metrics import read_ground_truth, write_ground_truth
+from rdcd.metrics import Match, evaluate_predictions, read_ground_truth, write_ground_truth
 from rdcd.models import load_model
 from rdcd.models.checkpoint import save_checkpoint
 
@@ -71,6 +76,43 @@ def build_eval_set(shared: str, root: str) -> dict:
     write_ground_truth(rio.join(root, "ground_truth.csv"), sorted(rows))
     counts.update(real_pairs=len(pairs), real_originals=len(ref_ids))
     return counts
+
+
+PRECISION_ROWS = {  # label -> (precision, backend)
+    "torch-fp32": ("fp32", "torch"),
+    "fp32": ("fp32", "auto"),
+    "int8": ("int8", "auto"),
+}
+
+
+def _embed_folder(model, folder: str):
+    files = [f.uri for f in rio.list_files(folder, rio.IMAGE_SUFFIXES)]
+    got = embed_files(model, files, progress=False)
+    return [rio.stem(u) for u in got.uris], got.embeddings
+
+
+def mixed_precision(root: str, spec: str, index_precision: str, query_precision: str) -> dict:
+    """µAP / µAP-sn with references and background embedded in `index_precision` and queries in
+    `query_precision` (an index built in one precision answering queries of another)."""
+    from rdcd.search import ScoreNormalizer, search
+
+    idx_model = load_model(spec, precision=PRECISION_ROWS[index_precision][0],
+                           backend=PRECISION_ROWS[index_precision][1])  # fmt: skip
+    q_model = load_model(spec, precision=PRECISION_ROWS[query_precision][0],
+                         backend=PRECISION_ROWS[query_precision][1])  # fmt: skip
+    assert idx_model.fingerprint == q_model.fingerprint
+    r_ids, refs = _embed_folder(idx_model, rio.join(root, "references"))
+    _, background = _embed_folder(idx_model, rio.join(root, "train"))
+    q_ids, queries = _embed_folder(q_model, rio.join(root, "queries"))
+    gt = read_ground_truth(rio.join(root, "ground_truth.csv"))
+    found = search(queries, refs, 10, ScoreNormalizer(background))
+    out = {}
+    for key, scores in (("uap", found.raw_scores), ("uap_sn", found.scores)):
+        preds = [Match(q, r_ids[j], float(s)) for qi, q in enumerate(q_ids)
+                 for j, s in zip(found.indices[qi], scores[qi], strict=True) if j >= 0]  # fmt: skip
+        out[key] = evaluate_predictions(preds, gt)["uap"]
+    out["precisions"] = (idx_model.precision, q_model.precision)
+    return out
 
 
 def untrained_student(like: str, path: str) -> str:
@@ -117,6 +159,12 @@ def main() -> None:
     p.add_argument("--work", default="runs/distill-quality", help="where the eval set is built")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument(
+        "--precisions",
+        help="evaluate each student in these compute precisions, "
+        f"comma-separated, of {','.join(PRECISION_ROWS)} (default: torch-fp32 only)",
+    )
+    p.add_argument("--no-untrained", action="store_true", help="skip the untrained rows")
     p.add_argument("--write-manifest", metavar="FILE",
                    help="write the training manifest (hold-out excluded) and exit")  # fmt: skip
     args = p.parse_args()
@@ -128,26 +176,46 @@ def main() -> None:
     print(f"eval set: {counts}")
     print(f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}, "
           f"cuda={torch.cuda.is_available()}")  # fmt: skip
-    models = [("teacher SSCD R50 (int8 ONNX)", "sscd")]
+    precisions = (args.precisions or "torch-fp32").split(",")
+    for label in precisions:
+        if label not in PRECISION_ROWS:
+            p.error(f"--precisions: {label!r} is not one of {', '.join(PRECISION_ROWS)}")
+    models = [("teacher SSCD R50 (int8 ONNX)", "sscd", "torch-fp32")]
     for i, s in enumerate(args.student):
-        untrained = untrained_student(s, os.path.join(args.work, f"untrained-{i}.pt"))
-        models.append(("  same, untrained (random heads)", untrained))
-        models.append((f"student {s}", s))
+        if not args.no_untrained:
+            untrained = untrained_student(s, os.path.join(args.work, f"untrained-{i}.pt"))
+            models.append(("  same, untrained (random heads)", untrained, "torch-fp32"))
+        for label in precisions:
+            models.append((f"student {s} [{label}]", s, label))
     print(f"{'model':<52}{'dim':>5}{'µAP':>8}{'µAP-sn':>8}{'R@P90':>8}{'R@1':>7}{'img/s':>8}")
     teacher_uap = None
     rows = []
-    for name, spec in models:
+    for name, spec, label in models:
+        precision, backend = PRECISION_ROWS[label]
         m = evaluate(EvalConfig(disc_root=root, model=spec, out=os.path.join(args.work, "eval"),
-                                progress=False))  # fmt: skip
+                                progress=False, precision=precision,
+                                backend=backend))  # fmt: skip
         teacher_uap = teacher_uap or m["uap_sn"]
         print(f"{name:<52}{m['model']['dim']:>5}{m['uap']:>8.3f}{m['uap_sn']:>8.3f}"
               f"{m['recall_at_p90_sn']:>8.3f}{m['recall_at_1']:>7.3f}"
               f"{m['timings']['images_per_second']:>8.1f}   "
               f"(µAP-sn / teacher {m['uap_sn'] / teacher_uap:.2f})")  # fmt: skip
-        rows.append({"model": name, "spec": spec, "dim": m["model"]["dim"], "uap": m["uap"],
+        rows.append({"model": name, "spec": spec, "precision": m["model"]["precision"],
+                     "backend": m["model"]["backend"], "dim": m["model"]["dim"], "uap": m["uap"],
                      "uap_sn": m["uap_sn"], "recall_at_p90_sn": m["recall_at_p90_sn"],
                      "recall_at_1": m["recall_at_1"], "ratio_to_teacher": m["uap_sn"] / teacher_uap,
                      "fingerprint": m["model"]["fingerprint"]})  # fmt: skip
+    mixed = []
+    if len(precisions) > 1:
+        print("mixed precisions (one fingerprint): references + background | queries")
+        base = precisions[0]
+        for s in args.student:
+            for other in precisions[1:]:
+                for idx_p, q_p in ((base, other), (other, base)):
+                    r = mixed_precision(root, s, idx_p, q_p)
+                    print(f"  {s} index {idx_p:<10} queries {q_p:<10} µAP {r['uap']:.3f}  "
+                          f"µAP-sn {r['uap_sn']:.3f}   (ran {r['precisions']})")  # fmt: skip
+                    mixed.append({"student": s, "index": idx_p, "queries": q_p, **r})
     timing = None
     if args.student and not args.no_timing:
         t = timing = step_timing(args.student[0])
@@ -159,7 +227,7 @@ def main() -> None:
         )
 
     if args.json:
-        rio.write_text(args.json, json.dumps({"eval_set": counts, "rows": rows,
+        rio.write_text(args.json, json.dumps({"eval_set": counts, "rows": rows, "mixed": mixed,
                                               "cpu_step_timing": timing,
                                               "hardware": f"{os.cpu_count()} CPUs, no GPU"},
                                              indent=2))  # fmt: skip

@@ -5,12 +5,16 @@
 Builds a 2-shard index of real photos (../shared/data/photos) with the model, then sends edited
 copies of the references (JPEG bytes, the same for every setting) at concurrency 1, 8 and 32:
 
-    in-process      decode + embed + ShardedIndex.search in this process (threads), no HTTP
-    http batched    POST /v1/match on 127.0.0.1, embedder max_batch_size 16
-    http unbatched  the same application with max_batch_size 1 (changed live via user_config)
+    in-process         decode + embed + ShardedIndex.search in this process (threads), no HTTP
+    batched <layout>   POST /v1/match on 127.0.0.1, embedder max_batch_size 16
+    unbatched <layout> the same application with max_batch_size 1
 
-and prints p50/p99 latency and requests/s per setting, the HTTP+Serve overhead at p50 against
-in-process, and the batched/unbatched throughput ratio.
+for each Serve layout of `--layouts` (`sharded`: ingress, embedder and searcher deployments;
+`local`: one ingress replica that embeds and searches in-process), and prints p50/p99 latency,
+requests/s and where the median request spent its time (outside the ingress: HTTP, the proxy and
+its hop; inside: embedding, searching), the HTTP+Serve overhead at p50 against in-process, and
+the batched/unbatched throughput ratio. The model runs in `--precision` (default: the CPU
+default, int8 onnxruntime for a student), in-process and in Serve alike.
 
 Then the fault scenarios (`--faults`, on by default; `--no-faults` skips them), each a window of
 `--fault-seconds` of the same query load (concurrency 4) against the batched app, side by side
@@ -252,6 +256,11 @@ def main() -> int:
     p.add_argument("--fault-seconds", type=float, default=15.0, help="length of each window")
     p.add_argument("--only-faults", action="store_true", help="skip the latency settings")
     p.add_argument("--ingress-replicas", type=int, default=1)
+    p.add_argument("--layouts", default="sharded,local",
+                   help="Serve layouts to measure side by side (faults: sharded only)")  # fmt: skip
+    p.add_argument("--precision", default="auto",
+                   help="compute precision of the model, in-process and in Serve (auto: the "
+                   "CPU default, int8 onnxruntime for students)")  # fmt: skip
     args = p.parse_args()
     counts = [int(x) for x in args.requests.split(",")]
 
@@ -271,24 +280,32 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="rdcd-serve-bench-"))
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision, backend="auto",
+                       threads=args.threads)  # fmt: skip
     root = _build_index(model, photos[: args.refs], tmp)
     queries = _queries(photos[: args.refs], 64)
     index = load_index(root)
     results: dict[str, dict[int, dict]] = {}
     faults: dict[str, dict] = {}
 
+    inline: list[tuple[float, float, float, float]] = []
+
     def in_process(data: bytes) -> bool:
+        t0 = time.perf_counter()
         q = model.embed(load_for_model(data, model.image_size)[None])
+        t1 = time.perf_counter()
         index.search(q, 10, fingerprint=model.fingerprint)
+        t2 = time.perf_counter()
+        inline.append((1000 * (t2 - t0), 1000 * (t2 - t0), 1000 * (t1 - t0), 1000 * (t2 - t1)))
         return True
 
     in_process(queries[0])
     if not args.only_faults:
-        results["in-process"] = {
-            c: _load(in_process, queries, c, n, args.budget)
-            for c, n in zip(CONCURRENCY, counts, strict=True)
-        }
+        results["in-process"] = {}
+        for c, n in zip(CONCURRENCY, counts, strict=True):
+            inline.clear()
+            results["in-process"][c] = _load(in_process, queries, c, n, args.budget)
+            results["in-process"][c]["stages"] = np.median(np.array(inline), axis=0).tolist()
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -296,15 +313,25 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/v1/match"
     local = threading.local()
+    # per request: (client ms, ingress took_ms, ingress embed ms, ingress search ms)
+    stages: list[tuple[float, float, float, float]] = []
 
     def over_http(data: bytes) -> bool:
         if not hasattr(local, "session"):
             local.session = requests.Session()
+        t = time.perf_counter()
         r = local.session.post(url, data=data, timeout=120)
+        ms = 1000 * (time.perf_counter() - t)
+        if r.status_code == 200:
+            body = r.json()
+            stages.append((ms, body["took_ms"], body["timings_ms"]["embed"],
+                           body["timings_ms"]["search"]))  # fmt: skip
         return r.status_code == 200
 
-    settings = (("http batched", 16), ("http unbatched", 1))
-    for label, batch in settings[:1] if args.only_faults else settings:
+    layouts = ["sharded"] if args.only_faults else args.layouts.split(",")
+    settings = [(f"{name} {layout}", batch, layout) for layout in layouts
+                for name, batch in (("batched", 16), ("unbatched", 1))]  # fmt: skip
+    for label, batch, layout in settings[:1] if args.only_faults else settings:
         cfg = ServeConfig(
             index=root,
             model=args.model,
@@ -314,17 +341,20 @@ def main() -> int:
             embedder_cpus=1.0,
             max_queued_requests=1024,
             ingress_replicas=args.ingress_replicas,
+            precision=args.precision,
+            layout=layout,
             name="bench",
         )
         serve.run(build_app(cfg), name="bench", route_prefix="/", blocking=False)
         for _ in range(4):
             over_http(queries[0])
         if not args.only_faults:
-            results[label] = {
-                c: _load(over_http, queries, c, n, args.budget)
-                for c, n in zip(CONCURRENCY, counts, strict=True)
-            }
-        if label == "http batched" and (args.faults or args.only_faults):
+            results[label] = {}
+            for c, n in zip(CONCURRENCY, counts, strict=True):
+                stages.clear()
+                results[label][c] = _load(over_http, queries, c, n, args.budget)
+                results[label][c]["stages"] = np.median(np.array(stages), axis=0).tolist()
+        if label == "batched sharded" and (args.faults or args.only_faults):
             base = f"http://127.0.0.1:{port}"
             costly, costly_bytes = _costly_clients(url)
             scenarios = {
@@ -343,15 +373,21 @@ def main() -> int:
 
     if results:
         print(
-            f"\nmodel {model.name} ({model.image_size}px, {model.dim}-d), {args.refs} references "
-            f"in 2 shards, torch threads {args.threads}, {len(queries)} distinct query JPEGs"
+            f"\nmodel {model.name} ({model.image_size}px, {model.dim}-d, {model.backend} "
+            f"{model.precision}), {args.refs} references in 2 shards, threads {args.threads}, "
+            f"{len(queries)} distinct query JPEGs"
         )
-        print(f"{'setting':<16}{'conc':>5}{'n':>6}{'err':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}")
+        print(f"{'setting':<18}{'conc':>5}{'n':>6}{'err':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}"
+              "   median ms: outside ingress | ingress embed | ingress search")  # fmt: skip
         for label, by_c in results.items():
             for c, r in by_c.items():
+                where = ""
+                if "stages" in r:  # client - took: HTTP, proxy and the proxy->ingress hop
+                    client, took, embed, search = r["stages"]
+                    where = f"   {client - took:>8.1f} | {embed:>13.1f} | {search:>14.1f}"
                 print(
-                    f"{label:<16}{c:>5}{r['n']:>6}{r['errors']:>5}{r['p50']:>9.1f}{r['p99']:>9.1f}"
-                    f"{r['rps']:>8.1f}"
+                    f"{label:<18}{c:>5}{r['n']:>6}{r['errors']:>5}{r['p50']:>9.1f}{r['p99']:>9.1f}"
+                    f"{r['rps']:>8.1f}{where}"
                 )
     if faults:
         print(f"\nfaults: {args.fault_seconds:.0f} s windows of concurrency-4 load each, "
@@ -361,16 +397,19 @@ def main() -> int:
             print(f"{name:<34}{r['rps']:>7.1f}{r['p50']:>9.1f}{r['p99']:>9.1f}  {r['codes']}")
     if args.only_faults:
         return 0
-    base, hb, hu = results["in-process"], results["http batched"], results["http unbatched"]
-    print(
-        f"HTTP+Serve overhead at p50, concurrency 1: batched {hb[1]['p50'] - base[1]['p50']:+.1f}"
-        f" ms, unbatched {hu[1]['p50'] - base[1]['p50']:+.1f} ms (aim: within 15 ms)"
-    )
-    for c in (8, 32):
+    base = results["in-process"]
+    for layout in layouts:
+        hb, hu = results[f"batched {layout}"], results[f"unbatched {layout}"]
         print(
-            f"batching at concurrency {c}: {hb[c]['rps'] / hu[c]['rps']:.2f}x the unbatched "
-            f"req/s; HTTP batched vs in-process {hb[c]['rps'] / base[c]['rps']:.2f}x"
+            f"{layout}: HTTP+Serve overhead at p50, concurrency 1: batched "
+            f"{hb[1]['p50'] - base[1]['p50']:+.1f} ms, unbatched "
+            f"{hu[1]['p50'] - base[1]['p50']:+.1f} ms (aim: within 15 ms)"
         )
+        for c in (8, 32):
+            print(
+                f"{layout}: batching at concurrency {c}: {hb[c]['rps'] / hu[c]['rps']:.2f}x the "
+                f"unbatched req/s; HTTP batched vs in-process {hb[c]['rps'] / base[c]['rps']:.2f}x"
+            )
     return 0
 
 

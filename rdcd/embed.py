@@ -145,7 +145,11 @@ class EmbedJobConfig:
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     decode_cpus: float = 0.25  # per read+decode task: fractional, or actors starve them on 2 cores
     io_threads: int = 8  # concurrent reads per decode task (S3 latency, not CPU, bounds reads)
-    precision: str = "fp32"  # storage dtype; fp16 also runs the model in half precision on GPU
+    # Compute precision (rdcd.models.runtime): auto = int8 onnxruntime on CPU, fp16 on a GPU.
+    precision: str = "auto"
+    # Stored descriptor dtype; None: fp16 when `precision` is fp16 (what `--precision fp16`
+    # meant before compute and storage were two settings), else fp32.
+    storage: str | None = None
     image_size: int | None = None  # teachers only: input size (students keep their checkpoint's)
     max_pixels: int = DEFAULT_MAX_PIXELS
     all_files: bool = False  # list every file under the prefix, not only image suffixes
@@ -157,8 +161,14 @@ class EmbedJobConfig:
             raise ValueError("embed needs --images URI and --out URI")
         if self.shard_size < 1 or self.batch_size < 1 or self.io_threads < 1:
             raise ValueError("--shard-size, --batch-size and --io-threads must be >= 1")
-        if self.precision not in ("fp32", "fp16"):
-            raise ValueError(f"--precision must be fp32 or fp16, not {self.precision!r}")
+        from rdcd.models.runtime import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
+            )
+        if self.storage not in (None, "fp32", "fp16"):
+            raise ValueError(f"--storage must be fp32 or fp16, not {self.storage!r}")
         if self.actors is not None and self.actors < 1:
             raise ValueError("--actors must be >= 1")
         for name in ("cpus_per_actor", "gpus_per_actor"):
@@ -167,6 +177,11 @@ class EmbedJobConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.decode_cpus <= 0:
             raise ValueError("decode_cpus must be > 0")
+
+    @property
+    def storage_precision(self) -> str:
+        """The dtype the shards hold (part of the run's identity: resumes must keep it)."""
+        return self.storage or ("fp16" if self.precision == "fp16" else "fp32")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -247,12 +262,15 @@ def load_embedder(
     *,
     teacher: str | None = None,
     device: str | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     image_size: int | None = None,
     threads: int | None = None,
+    backend: str = "auto",
 ) -> Embedder:
-    """`load_model`, with the intra-op thread count under control: several actors on one node
-    must not each spawn a thread per core."""
+    """`load_model` as jobs run it (a student in onnxruntime on CPU, `precision` resolved by
+    `rdcd.models.runtime`), with the intra-op thread count under control: several actors on one
+    node must not each spawn a thread per core. `backend="torch"` loads the plain torch model
+    (cheap: what a driver that only needs the fingerprint wants)."""
     import torch
 
     from rdcd.models import ModelError, load_model
@@ -260,7 +278,7 @@ def load_embedder(
     if threads:
         torch.set_num_threads(threads)
     model = load_model(spec, teacher=teacher, device=device, precision=precision,
-                       teacher_size=image_size, threads=threads or 0)  # fmt: skip
+                       teacher_size=image_size, threads=threads or 0, backend=backend)  # fmt: skip
     if image_size and model.image_size != image_size:
         raise ModelError(
             f"{spec} takes {model.image_size}px images only; --image-size {image_size} applies "
@@ -471,6 +489,9 @@ def _execute(
     plan = plan_actors(cfg, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)),
                        free_cpus=float(free.get("CPU", 0)))  # fmt: skip
     log.info("actor plan: %s", plan)
+    if plan.device == "cuda" and cfg.precision == "int8":
+        raise ValueError("--precision int8 is a CPU precision (onnxruntime): on GPU actors use "
+                         "fp16 or bf16, or give --gpus-per-actor 0")  # fmt: skip
     total = len(manifest)
     expected = {}
     for part in pending:
@@ -491,9 +512,11 @@ def _execute(
     # Workers read S3 with the driver's AWS settings (endpoint, keys) when it has any: Ray
     # workers may have been started before they were set, or on machines that lack them. The
     # TorchScript opt-in travels the same way to the model actors.
+    from rdcd.models.runtime import runtime_env_vars
     from rdcd.models.teacher import trust_env
 
     aws = {k: os.environ[k] for k in rio.AWS_ENV if os.environ.get(k)} | trust_env()
+    aws |= runtime_env_vars()  # the students' runtime cache and calibration photos
     env: dict[str, Any] = {"runtime_env": {"env_vars": aws}} if aws else {}
     writer = _PartWriter(cfg.out, identity)
     bar = tqdm(total=n_images, desc="embedded", unit="img", disable=not cfg.progress)
@@ -576,10 +599,18 @@ def run_embed_job(cfg: EmbedJobConfig) -> dict[str, Any]:
     """
     cfg.validate()
     t0 = time.perf_counter()
+    # The torch model is enough for the identity (every compute precision shares the
+    # fingerprint); the actors build or find the runtime files they run.
     model = load_embedder(cfg.model, teacher=cfg.teacher, device="cpu", image_size=cfg.image_size,
-                          threads=1)  # fmt: skip
+                          threads=1, precision="fp32", backend="torch")  # fmt: skip
+    torch_teacher = model.backend == "torch" and not model.name.startswith("student:")
+    if cfg.precision == "int8" and torch_teacher:  # refused here, not in every actor
+        from rdcd.models import ModelError
+
+        raise ModelError(f"--precision int8 applies to students: the teacher {model.name} runs "
+                         "as its file is (rdcd never converts a teacher)")  # fmt: skip
     identity = store.RunIdentity(model.fingerprint, model.name, model.dim, model.image_size,
-                                 cfg.precision, cfg.shard_size)  # fmt: skip
+                                 cfg.storage_precision, cfg.shard_size)  # fmt: skip
     del model
     commits = store.committed_parts(cfg.out)
     store.check_identity(cfg.out, identity, commits)

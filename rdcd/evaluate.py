@@ -67,6 +67,8 @@ class EvalConfig:
     seed: int = 0
     progress: bool = True
     index: str | None = None  # a published index: evaluate the production search path on it
+    precision: str = "auto"  # compute precision (rdcd.models.runtime): int8 onnxruntime on CPU
+    backend: str = "auto"  # `torch` keeps a student in PyTorch (the baseline benchmarks compare)
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         from rdcd.index import load_index
 
         index = load_index(cfg.index)
-    model = load_model(cfg.model, teacher=cfg.teacher)
+    model = load_model(cfg.model, teacher=cfg.teacher, precision=cfg.precision,
+                       backend=cfg.backend)  # fmt: skip
     if index is not None:  # refuse before embedding anything
         check_fingerprint(index.fingerprint, model.fingerprint, f"index {cfg.index}")
     log.info("evaluating %s (%s) on %s", model.name, model.fingerprint[:12], layout)

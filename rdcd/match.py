@@ -62,6 +62,9 @@ class MatchConfig:
     reference_ids: str = "stem"  # stem | id | uri
     embeddings: str | None = None  # query embedding run; default `<out stem>-query-embeddings`
     batch_size: int = 32
+    # Compute precision of the queries (rdcd.models.runtime); any precision may search an index
+    # built in another: they share the model's fingerprint.
+    precision: str = "auto"
     shard_size: int = 10_000
     actors: int | None = None
     cpus_per_actor: float | None = None
@@ -241,7 +244,8 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
     cfg.validate()
     t0 = time.perf_counter()
     manifest = read_manifest(cfg.index)
-    model = load_embedder(cfg.model, teacher=cfg.teacher, device="cpu", threads=1)
+    model = load_embedder(cfg.model, teacher=cfg.teacher, device="cpu", threads=1,
+                          precision="fp32", backend="torch")  # fmt: skip
     check_fingerprint(
         manifest["fingerprint"], model.fingerprint, f"index {cfg.index} v{manifest['version']}"
     )
@@ -255,6 +259,7 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
             teacher=cfg.teacher,
             shard_size=cfg.shard_size,
             batch_size=cfg.batch_size,
+            precision=cfg.precision,
             actors=cfg.actors,
             cpus_per_actor=cfg.cpus_per_actor,
             gpus_per_actor=cfg.gpus_per_actor,

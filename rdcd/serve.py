@@ -10,6 +10,12 @@ Three kinds of deployment, composed through deployment handles:
     Searcher<g> holds group g of the index shards (shard i belongs to group i mod G), so an
                 index larger than one machine's memory is served by G deployments side by side.
 
+That is the `sharded` layout. In the `local` layout (`choose_layout`: the default for an index
+that fits a node, on CPU) the ingress replica holds an Embedder and one Searcher of every shard
+in-process, called through the same interface as the handles (`_InProcess`): no hop between
+processes per query, which on a small machine costs more than it saves. Batch settings are then
+fixed when the application is deployed.
+
 Following `CURRENT`: the ingress polls the index root every `poll_interval_s`. When a new
 version is published it checks the version's model fingerprint against the embedder's model
 (a mismatch is refused, logged and reported by `GET /v1/index`, and the old version stays), asks
@@ -83,6 +89,7 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.3
 DEFAULT_THRESHOLD_NORMALISED = 0.15
 MAX_SEARCHERS = 4  # default number of searcher deployments: one per shard, at most this many
+LAYOUTS = ("auto", "local", "sharded")
 APP_NAME = "rdcd"
 
 
@@ -146,8 +153,17 @@ class ServeConfig:
     embedder_replicas: int = 1
     embedder_cpus: float = 1.0
     embedder_gpus: float | None = None  # None: one GPU per replica when the cluster has GPUs
-    embed_threads: int = 0  # torch intra-op threads; 0 = max(1, embedder_cpus)
+    embed_threads: int = 0  # model intra-op threads (torch, onnxruntime); 0 = max(1, embedder_cpus)
+    # compute precision of the embedder (rdcd.models.runtime): auto = int8 onnxruntime on CPU,
+    # fp16 on a GPU; any precision answers an index built in another (one fingerprint)
+    precision: str = "auto"
     searcher_cpus: float = 0.25
+    # `sharded`: ingress, embedder and searchers as deployments composed through handles (an
+    # index larger than a node); `local`: the ingress replica decodes, embeds and searches
+    # in-process, no handle hops (an index that fits a node); `auto`: local when the shard
+    # files total <= local_index_bytes and no GPU, searcher count or extra embedder is asked for
+    layout: str = "auto"
+    local_index_bytes: int = 2 * 1024**3
     # auth: when this environment variable is set (on the ingress), every route but health
     # wants `Authorization: Bearer <its value>`
     token_env: str = "RDCD_SERVE_TOKEN"
@@ -155,6 +171,9 @@ class ServeConfig:
     def validate(self) -> None:
         if not self.index:
             raise ValueError("serving needs --index (an index root built with `rdcd index`)")
+        from rdcd.models.runtime import check_precision
+
+        check_precision(self.precision)
         if not 1 <= self.k <= self.max_k:
             raise ValueError(f"k must be in 1..max_k={self.max_k}, got {self.k}")
         if self.max_batch_size < 1 or self.max_batch_images < 1:
@@ -169,6 +188,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_inflight_bytes < self.max_upload_bytes:
             raise ValueError("max_inflight_bytes must be at least max_upload_bytes")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeConfig:
@@ -246,6 +267,7 @@ class Embedder:
         max_bytes: int,
         threads: int,
         version: int | None = None,
+        precision: str = "auto",
     ) -> None:
         import torch
 
@@ -253,7 +275,8 @@ class Embedder:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.model = load_model(model, teacher=teacher)
+        self.model = load_model(model, teacher=teacher, precision=precision, backend="auto",
+                                threads=max(0, threads))  # fmt: skip
         self.decode_config = DecodeConfig(max_pixels=max_pixels, max_bytes=max_bytes)
         # Refuse at load an index of another model (it would answer every query with noise),
         # checked against the version the app was deployed with: it never changes, so a
@@ -267,6 +290,8 @@ class Embedder:
             where = f"index {index} v{manifest['version']}"
             check_fingerprint(manifest["fingerprint"], self.model.fingerprint, where)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdcd-embed")
+        self._decoders = ThreadPoolExecutor(max_workers=max(1, threads),
+                                            thread_name_prefix="rdcd-decode")  # fmt: skip
         log.info("embedder ready: %s", self.model.describe())
 
     def ping(self) -> str:
@@ -288,17 +313,23 @@ class Embedder:
         except DecodeError as exc:
             return exc.reason
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
     async def embed(self, images: list[bytes]) -> list[dict[str, Any]]:
         """Per image: `{"vector": float32 (dim,)}` or `{"error": reason, "status": 4xx}`; one bad
-        image never fails the others of its batch."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, images)
+        image never fails the others of its batch.
 
-    def _run(self, images: list[bytes]) -> list[dict[str, Any]]:
-        # One thread hop per batch: decode then embed (PIL and torch release the GIL, so the
-        # event loop keeps filling the next batch meanwhile).
-        decoded = [self._decode(b) for b in images]
-        out: list[dict[str, Any]] = [{} for _ in images]
+        Decoding runs on a pool of threads and the model on one, with two batches in flight, so
+        one batch decodes while the other is embedded: with the int8 student, decoding a photo
+        costs about what the model does (8 vs 11 ms on this CPU), and onnxruntime is no faster
+        per image at batch 16 than at 1, so overlapping the two is what batching buys now."""
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(self._decoders, self._decode, b) for b in images)
+        )
+        return await loop.run_in_executor(self._pool, self._run, list(decoded))
+
+    def _run(self, decoded: list[np.ndarray | str]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{} for _ in decoded]
         for i, d in enumerate(decoded):
             if isinstance(d, str):
                 out[i] = {"error": d, "status": decode_status(d)}
@@ -368,13 +399,52 @@ class Searcher:
         self, queries: np.ndarray, k: int, version: int, fingerprint: str
     ) -> dict[str, Any]:
         """This group's merged top-k (raw scores) and the URIs of the ids it returns."""
-        idx = await self._get(version)
+        return self._answer(await self._get(version), queries, k, version, fingerprint)
+
+    def search_blocking(
+        self, queries: np.ndarray, k: int, version: int, fingerprint: str
+    ) -> dict[str, Any]:
+        """`search` for a caller in this process, off its event loop (the local layout)."""
+        return self._answer(self._load(version), queries, k, version, fingerprint)
+
+    def _answer(
+        self, idx: ShardedIndex, queries: np.ndarray, k: int, version: int, fingerprint: str
+    ) -> dict[str, Any]:
         check_fingerprint(idx.fingerprint, fingerprint, f"{self.root} v{version}")
         n = len(queries)
         raw, ids = merge_topk([s.search(queries, k) for s in idx.shards], k, n)
         flat = ids.reshape(-1)
         uris = {int(i): u for i, u in zip(flat.tolist(), idx.uris_of(flat), strict=True) if i >= 0}
         return {"scores": raw, "ids": ids, "uris": uris, "shards": [s.name for s in idx.shards]}
+
+
+class _InProcess:
+    """A deployment's object held in this replica, called as its handle is (`x.method.remote()`
+    returns an awaitable), so the ingress code is one for both layouts. Coroutine methods run
+    on this event loop, plain ones in a thread; `aliases` swaps a method for another."""
+
+    def __init__(self, obj: Any, aliases: dict[str, str] | None = None) -> None:
+        self._obj, self._aliases = obj, dict(aliases or {})
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._obj, self._aliases.get(name, name))
+
+        class _Call:
+            @staticmethod
+            def remote(*args: Any, **kwargs: Any) -> asyncio.Future:
+                if asyncio.iscoroutinefunction(method):
+                    return asyncio.ensure_future(method(*args, **kwargs))
+                return asyncio.ensure_future(asyncio.to_thread(method, *args, **kwargs))
+
+        return _Call
+
+
+def local_backends(spec: dict[str, Any]) -> tuple[_InProcess, list[_InProcess]]:
+    """The embedder and the one searcher of the local layout, built in this process."""
+    embedder = Embedder.func_or_class(**spec["embedder"])
+    embedder.reconfigure(spec["batching"])
+    searcher = Searcher.func_or_class(**spec["searcher"])
+    return _InProcess(embedder), [_InProcess(searcher, {"search": "search_blocking"})]
 
 
 # ---- ingress --------------------------------------------------------------------------------
@@ -496,11 +566,15 @@ class Ingress:
         settings: dict[str, Any],
         version: int | None = None,
         auth: dict[str, str] | None = None,
+        local: dict[str, Any] | None = None,
     ) -> None:
         import faiss
 
         faiss.omp_set_num_threads(1)  # score normalisation of a few queries: threads only cost
         self.root = index
+        self.layout = "local" if local else "sharded"
+        if local:  # the model and the index live in this replica (see build_app)
+            embedder, searchers = local_backends(local)  # type: ignore[assignment]
         self.embedder = embedder
         self.searchers = searchers
         self.settings = {k: getattr(ServeConfig, k) for k in INGRESS_SETTINGS}
@@ -940,6 +1014,7 @@ class Ingress:
             threshold=self._default_threshold(version),
             searchers=[{"searcher": g, "shards": names} for g, names in enumerate(version.groups)],
             rejected_versions={str(v): why for v, why in self.rejected.items()},
+            layout=self.layout,
             poll_interval_s=self.settings["poll_interval_s"],
         )
         return info
@@ -971,9 +1046,23 @@ def _cluster_has_gpu() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+def choose_layout(cfg: ServeConfig, manifest: dict[str, Any], gpus: float) -> str:
+    """`cfg.layout`, with `auto` resolved: `local` for an index whose shard files total at most
+    `local_index_bytes`, on CPU, when neither a searcher count nor more than one embedder replica
+    is asked for (those are knobs of the sharded layout); else `sharded`. On a small machine the
+    handle hops between five processes cost more than they save (benchmarks/serve.py)."""
+    if cfg.layout != "auto":
+        return cfg.layout
+    size = sum(int(s.get("bytes", 0)) for s in manifest["shards"])
+    if gpus > 0 or cfg.searchers is not None or cfg.embedder_replicas > 1:
+        return "sharded"
+    return "local" if size <= cfg.local_index_bytes else "sharded"
+
+
 def build_app(cfg: ServeConfig) -> serve.Application:
-    """The application for `cfg`: one ingress, one embedder, G searchers (each a deployment
-    holding every G-th shard). Reads the published manifest to size G; refuses an index root
+    """The application for `cfg`. Sharded layout: one ingress, one embedder, G searchers (each a
+    deployment holding every G-th shard); local layout: the ingress alone, holding the model and
+    every shard (`choose_layout`). Reads the published manifest to size G; refuses an index root
     with nothing published. Every replica is pinned to that version to start from (see the
     module docstring)."""
     cfg.validate()
@@ -989,8 +1078,13 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     from rdcd.models.teacher import trust_env  # here: the ingress and searchers need no torch
 
     actor_options: dict[str, Any] = {"num_cpus": cfg.embedder_cpus, "num_gpus": gpus}
-    if trust_env():  # the TorchScript opt-in (not a secret) reaches the embedder's node
-        actor_options["runtime_env"] = {"env_vars": trust_env()}
+    from rdcd.models.runtime import runtime_env_vars
+
+    env_vars = trust_env() | runtime_env_vars()  # the TorchScript opt-in, the student cache
+    if env_vars:  # (not secrets) reach the embedder's node
+        actor_options["runtime_env"] = {"env_vars": env_vars}
+    layout = choose_layout(cfg, manifest, gpus)
+    log.info("serving %s v%d in the %s layout", cfg.index, version, layout)
     # Internal calls are not worth a log line each (the ingress logs every HTTP request).
     quiet = {"enable_access_log": False}
     embedder = Embedder.options(
@@ -1001,7 +1095,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
         user_config={k: getattr(cfg, k) for k in EMBEDDER_SETTINGS},
         logging_config=quiet,
     ).bind(cfg.model, cfg.teacher, cfg.index, cfg.max_pixels, cfg.max_upload_bytes, threads,
-           version)  # fmt: skip
+           version, cfg.precision)  # fmt: skip
     searchers = [
         Searcher.options(
             name=f"Searcher{g}",
@@ -1017,6 +1111,23 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     # ingress's own environment (e.g. a cluster secret) is used as it is.
     token = os.environ.get(cfg.token_env)
     auth = token_digest(token) if token else None
+    if layout == "local":
+        local = {
+            "embedder": {"model": cfg.model, "teacher": cfg.teacher, "index": cfg.index,
+                         "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_upload_bytes,
+                         "threads": threads, "version": version, "precision": cfg.precision},
+            "searcher": {"index": cfg.index, "group": 0, "groups": 1, "threads": 1,
+                         "version": version},
+            "batching": {k: getattr(cfg, k) for k in EMBEDDER_SETTINGS},
+        }  # fmt: skip
+        options = {**actor_options, "num_cpus": cfg.ingress_cpus + cfg.embedder_cpus}
+        return Ingress.options(
+            num_replicas=cfg.ingress_replicas,
+            ray_actor_options=options,
+            max_ongoing_requests=cfg.max_ongoing_requests + 64,
+            max_queued_requests=cfg.max_queued_requests,
+            user_config=settings,
+        ).bind(cfg.index, None, [], settings, version, auth, local)
     return Ingress.options(
         num_replicas=cfg.ingress_replicas,
         ray_actor_options={"num_cpus": cfg.ingress_cpus},

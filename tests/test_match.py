@@ -101,7 +101,8 @@ def world(ray_local, tmp_path_factory):
     # a broken upload among the queries: matching must report it and go on
     (disc / "queries" / "Q99999.jpg").write_bytes(b"<html>not a photo</html>")
 
-    model = load_model("default")
+    # as the commands run it (int8 onnxruntime on CPU), so flat and indexed searches compare
+    model = load_model("default", precision="auto", backend="auto")
     runs = {
         "refs": _embed_run(model, refs, tmp / "run-refs", shard_size=N_REFS // 2),
         "bg": _embed_run(model, background, tmp / "run-bg", shard_size=100),

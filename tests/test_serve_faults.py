@@ -54,6 +54,7 @@ def app(ray_local, photos, tmp_path_factory):
         request_timeout_s=20.0,
         health_timeout_s=1.0,
         max_ongoing_requests=80,
+        layout="sharded",  # the faults are replicas of the embedder and searcher deployments
         name="rdcd-faults",
     )
     url = start_serve_app(cfg, timeout_s=120)

@@ -44,6 +44,9 @@ class Embedder(ABC):
     dim: int
     image_size: int
     fingerprint: str
+    # What computes the descriptors (for reports; not identity: see rdcd.models.runtime).
+    backend: str = "torch"
+    precision: str = "fp32"
 
     @abstractmethod
     def embed(self, images: np.ndarray) -> np.ndarray:
@@ -56,6 +59,8 @@ class Embedder(ABC):
             "dim": self.dim,
             "image_size": self.image_size,
             "fingerprint": self.fingerprint,
+            "backend": self.backend,
+            "precision": self.precision,
         }
 
 
@@ -82,7 +87,10 @@ class TorchEmbedder(Embedder):
     ):
         self.name, self.dim, self.image_size, self.fingerprint = name, dim, image_size, fingerprint
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = torch.float16 if precision == "fp16" and self.device.type == "cuda" else None
+        # fp16/bf16 autocast on a GPU (bf16: fp32's range, what a trainer on A100/H100 runs)
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.dtype = half if self.device.type == "cuda" else None
+        self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
         # channels-last runs convolutions ~1.5x faster on CPU (and on tensor cores) here.
         self.module = module.eval().to(self.device, memory_format=torch.channels_last)
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0

@@ -18,6 +18,7 @@ import os
 
 from rdcd.models.checkpoint import load_student
 from rdcd.models.embedder import Embedder, ModelError
+from rdcd.models.runtime import check_precision
 from rdcd.models.teacher import installed_onnx_teacher, load_teacher
 
 log = logging.getLogger(__name__)
@@ -57,20 +58,38 @@ def load_model(
     precision: str = "fp32",
     teacher_size: int | None = None,
     threads: int = 0,
+    backend: str = "torch",
 ) -> Embedder:
     """Load the model named by `spec` (`sscd` or a student checkpoint path/URI).
     `teacher_size` changes a teacher's input size (students keep their checkpoint's); `threads`
-    caps an ONNX teacher's intra-op threads (torch models follow `torch.set_num_threads`)."""
+    caps intra-op threads of ONNX models (torch models follow `torch.set_num_threads`).
+    `precision` is the compute precision (`rdcd.models.runtime.PRECISIONS`); with the default
+    `backend="torch"` a student is its torch module, `backend="auto"` (what jobs pass) runs it in
+    onnxruntime on CPU. Teachers run as their file is (int8 is refused for a torch teacher)."""
     if spec.lower() in TEACHER_NAMES:
         uri = resolve_teacher_uri(teacher)
-        return load_teacher(uri, device, precision, teacher_size, threads)
+        return _teacher(uri, device, precision, teacher_size, threads)
     if spec.lower() == DEFAULT_NAME:
         path = default_student_path()
         if path is None:
             raise ModelError(
                 "this install ships no default student (rdcd/assets/default_student.pt)"
             )
-        return load_student(path, device=device, precision=precision)
-    if spec.lower().endswith((".onnx", ".torchscript.pt", ".torchvision.pt")):
-        return load_teacher(spec, device, precision, teacher_size, threads)
-    return load_student(spec, device=device, precision=precision)
+        spec = path
+    elif spec.lower().endswith((".onnx", ".torchscript.pt", ".torchvision.pt")):
+        return _teacher(spec, device, precision, teacher_size, threads)
+    return load_student(spec, device=device, precision=precision, backend=backend,
+                        threads=threads)  # fmt: skip
+
+
+def _teacher(
+    uri: str, device: str | None, precision: str, size: int | None, threads: int
+) -> Embedder:
+    """A teacher as its file is: never exported or converted, so int8 is the ONNX file's own."""
+    check_precision(precision)
+    if precision == "int8" and not uri.lower().endswith(".onnx"):
+        raise ModelError(
+            f"--precision int8 applies to students: the teacher {uri} runs as its file is "
+            "(rdcd never converts a teacher); use fp32, or fp16/bf16 on a GPU"
+        )
+    return load_teacher(uri, device, "fp32" if precision == "auto" else precision, size, threads)

@@ -179,6 +179,9 @@ def load_sscd_torchscript(
 class OnnxEmbedder(Embedder):
     """Any ONNX model with uint8 NHWC RGB input and a (N, d) descriptor output."""
 
+    backend = "onnxruntime"
+    precision = "as-file"  # run as given, never converted (the installed SSCD file is int8)
+
     def __init__(self, uri: str, image_size: int = TEACHER_IMAGE_SIZE, threads: int = 0):
         import onnxruntime as ort
 
