@@ -76,7 +76,8 @@ def tail(net: StudentNet, x: torch.Tensor, from_block: int) -> tuple[torch.Tenso
     bb = net.backbone
     for block in bb.blocks[from_block:]:
         x = block(x)
-    h = net.project(net.pool(bb.bn2(bb.conv_head(x))).flatten(1))
+    f = net.pool(bb.bn2(bb.conv_head(x))).flatten(1)
+    h = net.project((f - net.feat_mean) * net.feat_scale)
     return h, F.normalize(net.head(h), dim=1)
 
 
@@ -201,6 +202,10 @@ def train_run(start: StudentNet, cache: dict, held: HeldOut, terms: set[str], ar
     ok = np.flatnonzero(cache["ok"])
     n_views = cache["maps"].shape[1]
     tdesc = torch.from_numpy(cache["teacher"])
+    if args.queue > len(ok) // 2:
+        # the project's own rule (rdcd.distill.list_training_images): a queue that outlives an
+        # epoch holds keys of the very images being trained on, as negatives
+        raise SystemExit(f"--queue {args.queue} is more than half the {len(ok)} cached images")
     queue = FeatureQueue(args.queue, net.config.dim)
     rows, t0 = [], time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -240,7 +245,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--queue", type=int, default=1024)
+    p.add_argument("--queue", type=int, default=512, help="at most half the cached images")
     p.add_argument("--memory", type=int, default=4096)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)

@@ -18,11 +18,12 @@ import math
 import random
 from dataclasses import dataclass
 
-import augly.image as imaugs
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
-from rdcd.edits import emoji_files, font_files
+# AugLy (fonts, emoji, the emoji overlay) is imported where an overlay is drawn, not here: a
+# machine without it (a bare GPU box running benchmarks/gpu_check.py) can still make every other
+# view, with `text_p=0, emoji_p=0`.
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ _CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 !?#@&"
 
 
 def overlay_text(img: Image.Image, rng: random.Random, cfg: AugmentConfig) -> Image.Image:
+    from rdcd.edits import font_files
+
     base = img.convert("RGBA")
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     size = max(8, int(min(base.size) * rng.uniform(*cfg.text_size)))
@@ -70,6 +73,10 @@ def overlay_text(img: Image.Image, rng: random.Random, cfg: AugmentConfig) -> Im
 
 
 def overlay_emoji(img: Image.Image, rng: random.Random, cfg: AugmentConfig) -> Image.Image:
+    import augly.image as imaugs
+
+    from rdcd.edits import emoji_files
+
     return imaugs.overlay_emoji(
         img,
         emoji_path=rng.choice(emoji_files()),

@@ -16,6 +16,17 @@ from rdcd.io import StorageError
 from rdcd.metrics import MetricError
 
 USER_ERRORS = (StorageError, ModelError, DecodeError, MetricError, ValueError, FileNotFoundError)
+# rdcd.models.runtime.PRECISIONS (not imported here: it pulls in torch)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+PRECISION_HELP = (
+    "compute precision: auto (default: int8 in onnxruntime on CPU, fp16 on a GPU), fp32, "
+    "fp16/bf16 (GPU), int8 (CPU, students). Descriptors of every precision share the model's "
+    "fingerprint, so any of them can query an index built in another"
+)
+
+
+def add_precision_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default=default, help=PRECISION_HELP)
 
 
 def _fmt(value: object) -> str:
@@ -52,6 +63,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=1.0, help="score-normalisation strength")
     p.add_argument("--max-background", type=int, help="subsample the background set")
     p.add_argument("--whiten", action="store_true", help="PCA-whiten on the background set")
+    add_precision_arg(p)
     p.add_argument(
         "--index",
         help="search this published index (`rdcd index --out`) instead of embedding references/: "
@@ -80,6 +92,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         whiten=args.whiten,
         progress=not args.no_progress,
         index=args.index,
+        precision=args.precision,
     )
     result = evaluate(cfg)
     print_metrics(result)
@@ -132,6 +145,7 @@ def add_match_args(p: argparse.ArgumentParser) -> None:
         "run; default: <out without suffix>-query-embeddings)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    add_precision_arg(p)
     p.add_argument("--shard-size", type=int, default=10_000, help="queries per embedding part")
     p.add_argument("--actors", type=int, help="model actors (default: fill the cluster)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per model actor (default: auto)")
@@ -155,6 +169,7 @@ def cmd_match(args: argparse.Namespace) -> int:
         reference_ids=args.reference_ids,
         embeddings=args.embeddings,
         batch_size=args.batch_size,
+        precision=args.precision,
         shard_size=args.shard_size,
         actors=args.actors,
         cpus_per_actor=args.cpus_per_actor,
@@ -249,6 +264,24 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="M for the teacher: sscd or a teacher file")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--local", action="store_true", help="one process, no Ray (e.g. a lone GPU)")
+    p.add_argument(
+        "--allow-cpu-teacher",
+        action="store_true",
+        help="let a --gpu run use the int8 ONNX teacher on CPU (refused otherwise)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (resources, teacher, schedule, checkpoints) and exit: "
+        "reads the config and the image listing, starts nothing",
+    )
+    p.add_argument(
+        "--cluster-cpus",
+        type=float,
+        help="--dry-run: check the plan against a cluster of this many CPUs "
+        "(default: the Ray cluster at RAY_ADDRESS, else this machine)",
+    )
+    p.add_argument("--cluster-gpus", type=float, help="--dry-run: ... and this many GPUs")
 
 
 def load_distill_config(args: argparse.Namespace):
@@ -274,15 +307,47 @@ def load_distill_config(args: argparse.Namespace):
     direct = {"images": args.images, "out": args.out, "steps": args.steps,
               "workers": args.workers, "dim": args.dim, "teacher": args.teacher}  # fmt: skip
     values.update({k: v for k, v in direct.items() if v is not None})
+    init = str(values.get("init") or "")
+    if "dim" not in values and init.startswith("student:"):
+        # fine-tuning keeps the start's dimension unless told otherwise (a new head would start
+        # at random and throw away what the start had learned)
+        from rdcd.models.checkpoint import parse_checkpoint
+
+        uri = init[len("student:") :]
+        values["dim"] = parse_checkpoint(rio.read_bytes(uri), uri)[0].config.dim
     if args.gpu:
         values["use_gpu"] = True
+    if getattr(args, "allow_cpu_teacher", False):
+        values["allow_cpu_teacher"] = True
     return DistillConfig.from_dict(values)
+
+
+def dry_run_train(args: argparse.Namespace, cfg) -> int:
+    """`rdcd train --dry-run`: print the plan; refuse (exit 2, reasons) one that cannot run."""
+    from rdcd.plan import ClusterSpec, PlanError, dry_run
+
+    if args.cluster_cpus is not None or args.cluster_gpus is not None:
+        cluster = ClusterSpec.given(args.cluster_cpus, args.cluster_gpus)
+    elif os.environ.get("RAY_ADDRESS") and not args.local:
+        import ray
+
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        cluster = ClusterSpec.from_ray()
+    else:
+        cluster = ClusterSpec.this_machine()
+    plan = dry_run(cfg, cluster, local=args.local)
+    print(plan.format())
+    if plan.problems:
+        raise PlanError("the plan cannot run: " + "; ".join(plan.problems))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rdcd.train import run_local, run_training
 
     cfg = load_distill_config(args)
+    if args.dry_run:
+        return dry_run_train(args, cfg)
     for name in ("rdcd.train", "rdcd.distill"):  # per-step metrics, head-fitting progress
         logging.getLogger(name).setLevel(logging.INFO)
     print(
@@ -319,11 +384,11 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)",
     )
+    add_precision_arg(p)
     p.add_argument(
-        "--precision",
+        "--storage",
         choices=("fp32", "fp16"),
-        default="fp32",
-        help="stored descriptor dtype (fp16 also halves GPU compute)",
+        help="stored descriptor dtype (default fp32; fp16 with --precision fp16, as before)",
     )
     p.add_argument("--image-size", type=int, help="teacher input size (default 288)")
     p.add_argument("--io-threads", type=int, default=8, help="concurrent reads per decode task")
@@ -354,6 +419,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor,
         precision=args.precision,
+        storage=args.storage,
         image_size=args.image_size,
         io_threads=args.io_threads,
         all_files=args.all_files,
@@ -482,6 +548,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedder-replicas", type=int, help="embedder replicas (1)")
     p.add_argument("--embedder-cpus", type=float, help="CPUs per embedder replica (1)")
     p.add_argument("--embedder-gpus", type=float, help="GPUs per embedder (1 when there are any)")
+    add_precision_arg(p, default=None)
+    p.add_argument("--layout", choices=("auto", "local", "sharded"),
+                   help="local: one replica embeds and searches (no handle hops); sharded: "
+                   "embedder and searcher deployments; auto (default): local when the index "
+                   "fits (<= 2 GiB of shards, CPU)")  # fmt: skip
     p.add_argument("--token-env", help="variable holding the bearer token (RDCD_SERVE_TOKEN)")
 
 
@@ -505,6 +576,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "embedder_replicas": args.embedder_replicas,
         "embedder_cpus": args.embedder_cpus,
         "embedder_gpus": args.embedder_gpus,
+        "precision": args.precision,
+        "layout": args.layout,
         "token_env": args.token_env,
     }
     cfg = ServeConfig.from_dict({k: v for k, v in given.items() if v is not None})
@@ -587,7 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if args.command in LOCAL_RAY_COMMANDS and not os.environ.get("RAY_ADDRESS"):
+    dry = getattr(args, "dry_run", False)  # starts no Ray
+    if args.command in LOCAL_RAY_COMMANDS and not os.environ.get("RAY_ADDRESS") and not dry:
         _guard_local_ray()
     try:
         return COMMANDS[args.command][2](args)

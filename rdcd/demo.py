@@ -330,7 +330,8 @@ def fine_tune(
 
     def on_log(m: dict) -> None:
         bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", agreement=f"{m['agreement']:.2f}")
+        bar.set_postfix(loss=f"{m['loss']:.3f}", agreement=f"{m['agreement']:.2f}",
+                        cos=f"{m.get('offdiag_cos', float('nan')):.2f}")  # fmt: skip
 
     t0 = time.perf_counter()
     try:

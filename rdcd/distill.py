@@ -21,7 +21,6 @@ import copy
 import io
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,10 +46,18 @@ from rdcd.models.checkpoint import parse_checkpoint, save_checkpoint
 from rdcd.models.embedder import Embedder, ModelError
 from rdcd.models.pretrained import load_backbone_weights
 from rdcd.models.student import StudentConfig, StudentNet
+from rdcd.trainset import ImageTable, epoch_order, listing_problems, read_training_images
 
 log = logging.getLogger(__name__)
 
 STUDENT_INIT = "student:"  # init: student:<checkpoint URI> starts from a trained student
+BN_MODES = ("auto", "frozen", "train")
+OPTIMIZERS = ("sgd", "adamw", "lars")
+WARM_FILL_MAX = 256  # batches at most spent filling the queue and memory before step 0
+
+
+class CollapseError(ValueError):
+    """Training stopped because the descriptors collapsed; no student is exported."""
 
 
 @dataclass
@@ -93,6 +100,18 @@ class DistillConfig:
         str, ...
     ] = ()  # student parameter-name prefixes kept fixed, e.g. backbone.blocks.0
     amp: bool = True  # mixed precision on GPU only
+    # BatchNorm of the student: "frozen" (eval statistics, affine still trained), "train", or
+    # "auto" = frozen when starting from pretrained weights (their statistics are what the
+    # heads were fitted on), trained from random weights
+    bn: str = "auto"
+    standardise: bool = True  # estimate the pooled-feature standardisation when a start lacks it
+    warm_fill: bool = True  # fill queue and memory with real keys/teacher vectors before step 0
+    warm_fill_batches: int | None = None  # None: enough for both, at most WARM_FILL_MAX
+    optimizer: str = "sgd"  # "sgd" (the paper), "adamw", or "lars" (layer-wise trust ratio)
+    lars_eta: float = 1e-3  # LARS trust coefficient: a step moves a layer by ~lr*eta of its norm
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to the heads'
+    collapse_limit: float = 0.5  # stop when the mean in-batch off-diagonal cosine exceeds this
+    collapse_window: int = 5  # ... averaged over this many steps
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
@@ -103,12 +122,23 @@ class DistillConfig:
     view_cpus: float = 0.25
     max_images: int | None = None
     holdout: str | None = None  # a file of image names to exclude (kept for evaluation)
+    # How the run executes (rdcd.train, README "rdcd train"); none of these changes the loss.
+    amp_dtype: str = "fp16"  # with amp on GPU: "fp16" (with a GradScaler) or "bf16" (none)
+    bn_sync: str = "auto"  # BatchNorm across DDP workers: auto, off, sync or shuffle
+    teacher_placement: str = "actors"  # "actors" (a Ray Data pool) or "trainer" (in each
+    # DDP worker, on its GPU, as the paper runs it)
+    teacher_precision: str = "fp16"  # a torch teacher on a GPU: fp32, fp16 or bf16
+    allow_cpu_teacher: bool = False  # let a GPU run use the (int8, CPU) ONNX teacher
+    io_threads: int = 8  # concurrent image reads per view task (S3 latency bounds reads)
+    max_data_blocks: int = 4096  # Ray Data blocks (view tasks) of the sample stream, at most
+    check_resources: bool = True  # refuse a plan the cluster cannot hold (off: autoscaling)
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.workers
 
     def validate(self) -> None:
+        _check_run_settings(self)
         if not self.images:
             raise ValueError("no training images: set images (--images URI)")
         if self.queue_size % self.global_batch or self.memory_size % self.global_batch:
@@ -125,6 +155,18 @@ class DistillConfig:
                              "the closed-form student")  # fmt: skip
         if self.fit_views < 2 or self.fit_views % 2:
             raise ValueError("fit_views must be an even number >= 2 (views come in pairs)")
+        if self.bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {BN_MODES}, got {self.bn!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not 0 < self.collapse_limit <= 1 or self.collapse_window < 1:
+            raise ValueError("collapse_limit must be in (0, 1] and collapse_window >= 1")
+        if self.backbone_lr_scale < 0:
+            raise ValueError("backbone_lr_scale must be >= 0")
+
+    @property
+    def bn_frozen(self) -> bool:
+        return self.bn == "frozen" or (self.bn == "auto" and self.init != "random")
 
     @classmethod
     def from_dict(cls, d: dict) -> DistillConfig:
@@ -151,6 +193,12 @@ class RDCD(nn.Module):
             self._initialise(cfg)
         self._freeze_unused(self.student)
         self._frozen_norms = self._freeze_prefixes(self.student, tuple(cfg.freeze))
+        if cfg.bn_frozen:  # every norm layer keeps the statistics the start was made with
+            norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+            self._frozen_norms = sorted(
+                set(self._frozen_norms)
+                | {n for n, m in self.student.named_modules() if isinstance(m, norms)}
+            )
         self.student.to(memory_format=torch.channels_last)  # before DDP builds its buckets
         self.momentum_student = copy.deepcopy(self.student)
         for p in self.momentum_student.parameters():
@@ -224,6 +272,12 @@ class RDCD(nn.Module):
         net.train(was_training)
 
     @torch.no_grad()
+    def standardise(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise the pooled feature of both students (the function is unchanged)."""
+        self.student.standardise(mean, std)
+        self.momentum_student.standardise(mean, std)
+
+    @torch.no_grad()
     def momentum_update(self) -> None:
         m = self.cfg.ema
         for p_m, p in zip(
@@ -234,6 +288,18 @@ class RDCD(nn.Module):
             b_m.copy_(b)
 
 
+def warm_batches(cfg: DistillConfig) -> int:
+    """Batches spent before step 0 filling the key queue and the teacher memory with real
+    entries (and estimating the feature standardisation): random unit vectors as negatives and
+    memory let a fresh fine-tune push every descriptor the same way at no cost."""
+    if not cfg.warm_fill:
+        return 0
+    if cfg.warm_fill_batches is not None:
+        return max(0, cfg.warm_fill_batches)
+    need = math.ceil(max(cfg.queue_size, cfg.memory_size) / cfg.global_batch)
+    return min(need, WARM_FILL_MAX)
+
+
 def lr_at(step: int, cfg: DistillConfig) -> float:
     """Linear warm-up to `lr`, then cosine decay to 0 at `steps`."""
     if step < cfg.warmup_steps:
@@ -242,9 +308,64 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step for each weight matrix is scaled by `eta * |w| / |g|`, so
+    every layer moves by about `lr * eta` of its own norm per step (You et al., 2017).
+
+    Why here: a fitted start has layers of very different scales (the ridge-fitted `project`
+    has entries ~1e-4, the whitening head large ones); SGD or Adam steps of one size for all
+    move the small layers by more than their own size and destroy the fitted function. Biases
+    and 1-d parameters (norm layers) take plain SGD steps without weight decay."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 1e-3):  # fmt: skip
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                                  "eta": eta})  # fmt: skip
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if p.ndim > 1:
+                    g = g.add(p, alpha=group["weight_decay"])
+                w_norm, g_norm = p.norm(), g.norm()
+                if w_norm > 0 and g_norm > 0:
+                    g = g.mul(group["eta"] * w_norm / g_norm)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = g.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(g)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
 def make_optimizer(model: RDCD, cfg: DistillConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.student.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    """SGD with momentum (the paper) or AdamW over the trainable student parameters only (the
+    momentum student is an EMA, never optimised), in two groups: the backbone at
+    `backbone_lr_scale` x the heads' learning rate."""
+    backbone, heads = [], []
+    for name, p in model.student.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith("backbone.") else heads).append(p)
+    groups = [
+        {"params": g, "lr_scale": scale}
+        for g, scale in ((backbone, cfg.backbone_lr_scale), (heads, 1.0))
+        if g and scale > 0
+    ]
+    if cfg.backbone_lr_scale == 0:
+        for p in backbone:
+            p.requires_grad_(False)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    eta=cfg.lars_eta)  # fmt: skip
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 _MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1) * 255
@@ -266,6 +387,47 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over every worker (identity without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def offdiag_cosine(z: torch.Tensor) -> float:
+    """Mean cosine between the descriptors of different images in a batch: ~0 for a healthy
+    copy-detection descriptor, towards 1 when every image gets the same descriptor."""
+    n = z.shape[0]
+    if n < 2:
+        return 0.0
+    s = F.normalize(z.float(), dim=1) @ F.normalize(z.float(), dim=1).T
+    return float((s.sum() - s.diagonal().sum()) / (n * n - n))
+
+
+class CollapseGuard:
+    """Stops a run whose descriptors collapse, before a collapsed student can be exported: the
+    mean in-batch off-diagonal cosine, averaged over `window` steps, must stay under `limit`."""
+
+    def __init__(self, limit: float, window: int):
+        self.limit, self.window = limit, window
+        self.recent: list[float] = []
+
+    def check(self, metrics: dict[str, float], cfg: DistillConfig) -> None:
+        self.recent = (self.recent + [float(metrics["offdiag_cos"])])[-self.window :]
+        mean = sum(self.recent) / len(self.recent)
+        if len(self.recent) == self.window and mean > self.limit:
+            raise CollapseError(
+                f"descriptors collapsed at step {metrics.get('step', '?')}: mean in-batch cosine "
+                f"between different images {mean:.3f} over {self.window} steps (limit "
+                f"{self.limit}); no student was exported. Likely causes: a learning rate too "
+                f"high for this start (lr {cfg.lr}, {cfg.optimizer}; try 10x lower), BatchNorm "
+                f"trained from a pretrained start (bn={cfg.bn}), a queue close to the number of "
+                f"images (queue_size {cfg.queue_size}) or without warm fill. Raise "
+                "collapse_limit only if this is expected"
+            )
+
+
 def similarity_agreement(z: torch.Tensor, h_t: torch.Tensor) -> float:
     """Pearson correlation between the student's and the teacher's in-batch cosine similarities:
     1.0 means the student orders image pairs exactly as the teacher does."""
@@ -275,6 +437,121 @@ def similarity_agreement(z: torch.Tensor, h_t: torch.Tensor) -> float:
     t = (F.normalize(h_t, dim=1) @ F.normalize(h_t, dim=1).T)[mask].float()
     s, t = s - s.mean(), t - t.mean()
     return float((s * t).sum() / (s.norm() * t.norm()).clamp_min(1e-12))
+
+
+# ---- precision, and BatchNorm across DDP workers ----------------------------------------------
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "fp16", "bf16")
+BN_SYNC_MODES = ("auto", "off", "sync", "shuffle")
+TEACHER_PLACEMENTS = ("actors", "trainer")
+
+
+def _check_run_settings(cfg: DistillConfig) -> None:
+    """Check the execution settings (precision, BatchNorm sync, teacher placement, data
+    stream); part of `DistillConfig.validate`, so a bad value fails before any work starts."""
+    for name, value, allowed in (
+        ("amp_dtype", cfg.amp_dtype, tuple(AMP_DTYPES)),
+        ("teacher_precision", cfg.teacher_precision, PRECISIONS),
+        ("bn_sync", cfg.bn_sync, BN_SYNC_MODES),
+        ("teacher_placement", cfg.teacher_placement, TEACHER_PLACEMENTS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    if cfg.bn_sync == "sync" and cfg.workers > 1 and not cfg.use_gpu:
+        raise ValueError("bn_sync=sync needs GPU workers (torch's SyncBatchNorm runs on CUDA "
+                         "only); CPU workers can use bn_sync=shuffle")  # fmt: skip
+    if cfg.io_threads < 1 or cfg.max_data_blocks < 1:
+        raise ValueError("io_threads and max_data_blocks must be >= 1")
+
+
+def autocast_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype | None:
+    """The student's autocast dtype: `amp_dtype` when `amp` is on and the step runs on a GPU;
+    None (fp32) otherwise: CPU autocast is slower than fp32 for these convolutions."""
+    if not cfg.amp or device.type != "cuda":
+        return None
+    return AMP_DTYPES[cfg.amp_dtype]
+
+
+def make_scaler(cfg: DistillConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 autocast, whose small gradients underflow without one; bf16 has
+    fp32's exponent range and takes none."""
+    if autocast_dtype(cfg, device) != torch.float16:
+        return None
+    return torch.amp.GradScaler("cuda")
+
+
+def bn_sync_mode(cfg: DistillConfig, world_size: int, device_type: str) -> str:
+    """What BatchNorm shares across workers: "off" with one worker (nothing to share), else
+    `bn_sync`, where "auto" means "sync" on GPUs and "shuffle" on CPU workers.
+
+    Why: with per-worker BatchNorm the student and the momentum student normalise both views
+    over the same few images, and the contrastive task can be solved from batch statistics
+    instead of content (the shortcut MoCo's shuffle-BN removes; RDCD's code shuffles across
+    GPUs). "sync" normalises over the global batch (SyncBatchNorm in both students); "shuffle"
+    feeds the momentum student a random cross-worker mix of the views."""
+    if world_size <= 1 or cfg.bn_sync == "off":
+        return "off"
+    mode = cfg.bn_sync
+    if mode == "auto":
+        mode = "sync" if device_type == "cuda" else "shuffle"
+    if mode == "sync" and device_type != "cuda":
+        raise ValueError("bn_sync=sync needs CUDA devices; use bn_sync=shuffle on CPU")
+    return mode
+
+
+def convert_sync_bn(model: RDCD) -> RDCD:
+    """Make both students' BatchNorm layers SyncBatchNorm (timm's converter, which keeps the
+    activation of timm's fused BatchNormAct layers; torch's would drop it). Call it before the
+    optimiser and DDP are built; the parameters stay the same tensors, and state dicts keep
+    their keys, so checkpoints load with or without it."""
+    from timm.layers import convert_sync_batchnorm
+
+    model.student = convert_sync_batchnorm(model.student)
+    model.momentum_student = convert_sync_batchnorm(model.momentum_student)
+    return model
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shuffled_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, seed: int, step: int
+) -> torch.Tensor:
+    """`fn` over a random cross-worker mix of every worker's `x`; each worker gets the outputs
+    of its own rows back, in order (MoCo's shuffle-BN). The permutation is a function of
+    (seed, step), the same on every worker, so it needs no broadcast. Workers whose batches
+    differ in size all fall back to `fn(x)`."""
+    rank, world = _world()
+    if world == 1:
+        return fn(x)
+    sizes = _gather(torch.tensor([x.shape[0]], device=x.device))
+    if bool((sizes != sizes[0]).any()):
+        return fn(x)
+    n, per = int(sizes.sum()), x.shape[0]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    perm = torch.randperm(n, generator=g).to(x.device)
+    mixed = fn(_gather(x)[perm[rank * per : (rank + 1) * per]])
+    out = torch.empty((n, *mixed.shape[1:]), dtype=mixed.dtype, device=mixed.device)
+    out[perm] = _gather(mixed)  # row j of the gathered outputs belongs to input perm[j]
+    return out[rank * per : (rank + 1) * per]
+
+
+def _batch_stats_in_use(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in net.modules())
+
+
+def momentum_keys(model: RDCD, x2: torch.Tensor, step: int) -> torch.Tensor:
+    """The momentum student's keys of `x2`, through a cross-worker shuffle when BatchNorm runs
+    in "shuffle" mode and uses batch statistics (frozen statistics need no shuffle)."""
+    _, world = _world()
+    net = model.momentum_student
+    if bn_sync_mode(model.cfg, world, x2.device.type) != "shuffle" or not _batch_stats_in_use(net):
+        return net(x2)
+    return shuffled_apply(net, x2, model.cfg.seed, step)
 
 
 def train_step(
@@ -293,15 +570,17 @@ def train_step(
     """
     cfg = model.cfg
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, cfg)
+        group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)
     x1, x2 = to_input(batch["view1"], device), to_input(batch["view2"], device)
     h_t = F.normalize(torch.as_tensor(batch["teacher"]).to(device).float(), dim=1)
-    use_amp = scaler is not None
-    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+    amp = autocast_dtype(cfg, device)
+    if amp == torch.float16 and scaler is None:
+        amp = None  # fp16 gradients underflow without a scaler: this step runs in fp32
+    with torch.autocast(device.type, dtype=amp or torch.float16, enabled=amp is not None):
         h, z = student(x1, return_hidden=True)
         with torch.no_grad():
             model.momentum_update()
-            k = model.momentum_student(x2)
+            k = momentum_keys(model, x2, step)
     h, z, k = h.float(), z.float(), k.float()
     terms: dict[str, torch.Tensor] = {}
     if cfg.w_con:
@@ -316,7 +595,7 @@ def train_step(
                "loss_feat": cfg.w_feat}  # fmt: skip
     loss = sum(weights[n] * v for n, v in terms.items())
     optimizer.zero_grad(set_to_none=True)
-    if use_amp:
+    if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -327,27 +606,92 @@ def train_step(
     model.memory.enqueue(_gather(h_t))
     out = {n: float(v.detach()) for n, v in terms.items()}
     out.update(loss=float(loss.detach()), lr=lr_at(step, cfg),
-               agreement=similarity_agreement(z.detach(), h_t))  # fmt: skip
+               agreement=similarity_agreement(z.detach(), h_t),
+               offdiag_cos=offdiag_cosine(z.detach()))  # fmt: skip
     return out
+
+
+def feature_scale(var: torch.Tensor) -> torch.Tensor:
+    """The standardisation's divisor: one global scale (the RMS of the per-dimension standard
+    deviations), broadcast over every dimension. Centring removes the shared mean that made
+    every update of `project` move all images alike; a per-dimension scale would also blow
+    near-constant dimensions up to unit variance, weighting them like the informative ones in
+    every later update, where one scale keeps the geometry the trunk gives."""
+    return var.mean().sqrt().clamp_min(1e-6).expand_as(var).clone()
+
+
+@torch.no_grad()
+def warm_fill(model: RDCD, batches: list[dict], device: torch.device) -> dict[str, float]:
+    """Before the first optimiser step: estimate the pooled-feature standardisation when the
+    start lacks one (`cfg.standardise`), then fill the key queue with the momentum student's
+    keys and the memory with the teacher's descriptors of these batches (gathered over every
+    worker, so all replicas hold the same). Returns what was done, for the run's log."""
+    cfg = model.cfg
+    was_training = model.training
+    model.eval()
+    done: dict[str, float] = {"warm_batches": float(len(batches))}
+    if cfg.standardise and not model.student.is_standardised and batches:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        s1 = s2 = None
+        for b in batches:
+            x = model.student.pooled(to_input(b["view2"], device)).flatten(1).double()
+            s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
+            s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
+            total += len(x)
+        s1, s2, total = _all_sum(s1), _all_sum(s2), _all_sum(total)
+        mean = s1 / total
+        var = (s2 / total - mean * mean).clamp_min(0)
+        model.standardise(mean.float(), feature_scale(var).float())
+        done["standardised"] = 1.0
+    for b in batches:
+        k = model.momentum_student(to_input(b["view2"], device)).float()
+        model.queue.enqueue(_gather(k))
+        h_t = F.normalize(torch.as_tensor(b["teacher"]).to(device).float(), dim=1)
+        model.memory.enqueue(_gather(h_t))
+    model.train(was_training)
+    return done
 
 
 # ---- state, export ---------------------------------------------------------------------------
 
 
-def state_bytes(model: RDCD, optimizer: torch.optim.Optimizer, step: int, history: list) -> bytes:
-    """A resumable training state (tensors and plain values only: safe to load)."""
+def state_bytes(
+    model: RDCD,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    history: list,
+    scaler: torch.amp.GradScaler | None = None,
+) -> bytes:
+    """A resumable training state (tensors and plain values only: safe to load). An fp16 run's
+    GradScaler state is part of it: a resumed run that restarted at the default scale (65,536)
+    would skip steps on overflow until the scale had backed off again."""
     buf = io.BytesIO()
     torch.save(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-         "config": model.cfg.to_dict(), "history": history},
+         "config": model.cfg.to_dict(), "history": history,
+         "scaler": scaler.state_dict() if scaler is not None else {}},
         buf,
     )  # fmt: skip
     return buf.getvalue()
 
 
-def load_state(data: bytes, model: RDCD, optimizer: torch.optim.Optimizer) -> tuple[int, list]:
+def load_state(
+    data: bytes,
+    model: RDCD,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[int, list]:
+    """Restore a `state_bytes` state into `model`, `optimizer` and (when both the state and
+    the run have one) `scaler`; returns (step, history)."""
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    weights = dict(state["model"])
+    own = model.state_dict()
+    for key in own:  # states saved before the feature standardisation existed
+        if key.rsplit(".", 1)[-1] in ("feat_mean", "feat_scale"):
+            weights.setdefault(key, own[key])
+    model.load_state_dict(weights)
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"]), list(state.get("history", []))
 
@@ -361,49 +705,24 @@ def export_student(model: RDCD, uri: str, meta: dict | None = None, half: bool =
 # ---- data without Ray ------------------------------------------------------------------------
 
 
-def list_training_images(cfg: DistillConfig) -> list[str]:
+def list_training_images(cfg: DistillConfig) -> ImageTable:
     """The training URIs: every image under `images` (a folder, a prefix, or a `.txt` manifest of
-    URIs, one per line, relative ones against the manifest's folder), minus the hold-out list."""
-    if cfg.images.endswith(".txt"):
-        base = cfg.images.rsplit("/", 1)[0] if "/" in cfg.images else "."
-        lines = [ln.strip() for ln in rio.read_text(cfg.images).splitlines()]
-        uris = [
-            ln if rio.is_s3(ln) or ln.startswith("/") else rio.join(base, ln)
-            for ln in lines
-            if ln and not ln.startswith("#")
-        ]
-    else:
-        uris = [f.uri for f in rio.list_files(cfg.images, rio.IMAGE_SUFFIXES)]
-    if cfg.holdout:
-        excluded = {
-            line.strip() for line in rio.read_text(cfg.holdout).splitlines() if line.strip()
-        }
-        uris = [u for u in uris if u.rsplit("/", 1)[-1] not in excluded]
-    if cfg.max_images:
-        uris = uris[: cfg.max_images]
-    if len(uris) < cfg.global_batch:
-        raise ValueError(f"{len(uris)} training images under {cfg.images}: fewer than one batch")
-    if cfg.queue_size > len(uris) // 2:
-        # A queue that outlives an epoch holds keys of the very images being trained on: the
-        # "hardest negative" is then the image itself and training collapses (seen here with a
-        # 2048 queue on 1,297 images). DISC2021's 1M images leave 65,536 far from that.
-        raise ValueError(
-            f"queue_size {cfg.queue_size} is more than half the {len(uris)} training images: "
-            "the queue would hold positives as negatives; use a smaller queue or more images"
-        )
-    return uris
+    URIs, one per line, relative ones against the manifest's folder), minus the hold-out list;
+    a compact sequence of strings (`rdcd.trainset.ImageTable`), read without a Python object per
+    image. Raises ValueError when they cannot train `cfg` (fewer than a batch, a queue longer
+    than half of them)."""
+    table = read_training_images(cfg)
+    problems = listing_problems(len(table), cfg)
+    if problems:
+        raise ValueError(problems[0])
+    return table
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(n))
-    random.Random(f"{seed}:order:{epoch}").shuffle(order)
-    return order
-
-
-def make_views(uri: str, index: int, epoch: int, cfg: DistillConfig):
-    """Two augmented views of one training image, or None if it cannot be decoded."""
+def make_views(uri: str, index: int, epoch: int, cfg: DistillConfig, data: bytes | None = None):
+    """Two augmented views of one training image, or None if it cannot be decoded. `data`: its
+    bytes when the caller has read them already (view tasks read a batch concurrently)."""
     try:
-        img = decode_image(rio.read_bytes(uri), size=cfg.train_size * 2)
+        img = decode_image(rio.read_bytes(uri) if data is None else data, size=cfg.train_size * 2)
     except (DecodeError, rio.StorageError) as exc:
         log.warning("skipping training image %s: %s", uri, exc)
         return None
@@ -429,11 +748,12 @@ def local_batches(
             raise ValueError(f"teacher takes {teacher.image_size}px, views are {cfg.train_size}px")
         return {"view1": v1, "view2": v2, "teacher": teacher.embed(v1)}
 
+    total = cfg.steps + warm_batches(cfg)  # batch i of the stream; warm fill takes the first
     with ThreadPoolExecutor(max_workers=1) as ahead:
         future = ahead.submit(build, start_step)
-        for step in range(start_step, cfg.steps):
+        for step in range(start_step, total):
             batch = future.result()
-            if step + 1 < cfg.steps:
+            if step + 1 < total:
                 future = ahead.submit(build, step + 1)
             yield batch
     pool.shutdown()
@@ -472,6 +792,11 @@ def fit_heads(
     """
     n = min(n_images or cfg.fit_heads, len(uris))
     net = RDCD(replace(cfg, queue_size=2, memory_size=2)).student.eval()
+    if cfg.init.startswith(STUDENT_INIT):
+        donor = parse_checkpoint(rio.read_bytes(cfg.init[len(STUDENT_INIT) :]), cfg.init)[0]
+        if donor.config.dim == cfg.dim:  # a trained student of this size: nothing to fit
+            log.info("fit_heads: %s already has %d-d heads; keeping them", cfg.init, cfg.dim)
+            return net
     order = epoch_order(len(uris), cfg.seed, -1)[:n]
     feats, targets, groups = [], [], []
     pool = ThreadPoolExecutor(max_workers=2)
@@ -491,7 +816,9 @@ def fit_heads(
     pool.shutdown()
     x, y = torch.cat(feats), torch.cat(targets)
     if cfg.init.startswith(STUDENT_INIT):  # a trained student keeps its projection
-        w, b = net.project.weight.detach().double().T, net.project.bias.detach().double()
+        w_raw = net.project.weight.detach().double() * net.feat_scale.double()
+        w = w_raw.T  # on the raw pooled feature, whatever standardisation the start has
+        b = net.project.bias.detach().double() - w_raw @ net.feat_mean.double()
         best = (float(F.cosine_similarity(x @ w + b, y, dim=1).mean()), 0.0)
     else:
         held = torch.tensor([g % 5 == 0 for g in groups])  # by image: both views on one side
@@ -512,8 +839,13 @@ def fit_heads(
         extra = torch.randn(cfg.dim - basis.shape[0], basis.shape[1], dtype=basis.dtype)
         basis = torch.linalg.qr(torch.cat([basis, extra]).T).Q.T
     with torch.no_grad():
+        # `project` is fitted on the pooled feature as it comes (x, as `_pooled_features` gives
+        # it before any standardisation); then re-expressed on the standardised feature.
+        net.feat_mean.zero_()
+        net.feat_scale.fill_(1.0)
         net.project.weight.copy_(w.T.float())
         net.project.bias.copy_(b.float())
+        net.standardise(x.mean(0).float(), feature_scale(x.var(0)).float())
         net.head.weight.copy_(basis.float())
         net.head.bias.copy_((-(basis @ mean)).float())
     log.info("fitted heads on %d views of %d images: held-out cosine to the teacher %.3f "
@@ -537,13 +869,21 @@ def train(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = RDCD(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    step, history = load_state(resume, model, optimizer) if resume else (0, [])
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+    scaler = make_scaler(cfg, device)
+    step, history = load_state(resume, model, optimizer, scaler) if resume else (0, [])
     model.train()
+    warm = warm_batches(cfg)
+    stream = batches(step + warm if step else 0)  # the stream's first `warm` batches fill
+    if step == 0 and warm:
+        filled = warm_fill(model, [next(stream) for _ in range(warm)], device)
+        log.info("warm fill: %s", filled)
+    guard = CollapseGuard(cfg.collapse_limit, cfg.collapse_window)
     t_last, n_last = time.perf_counter(), 0
-    for batch in batches(step):
+    for batch in stream:
         metrics = train_step(model, model.student, optimizer, batch, step, device, scaler)
         step += 1
+        metrics["step"] = step
+        guard.check(metrics, cfg)
         n_last += len(batch["view1"])
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
@@ -553,7 +893,7 @@ def train(
             if on_log:
                 on_log(metrics)
         if on_checkpoint and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            on_checkpoint(state_bytes(model, optimizer, step, history), step)
+            on_checkpoint(state_bytes(model, optimizer, step, history, scaler), step)
         if step >= cfg.steps:
             break
     return model, history

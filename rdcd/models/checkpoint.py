@@ -16,12 +16,15 @@ from typing import Any
 import torch
 
 from rdcd import io as rio
-from rdcd.models.embedder import ModelError, TorchEmbedder, preprocessing_fingerprint, sha256_hex
+from rdcd.models.embedder import Embedder, ModelError, preprocessing_fingerprint, sha256_hex
 from rdcd.models.student import StudentConfig, StudentNet
 
 log = logging.getLogger(__name__)
 
 FORMAT = "rdcd-student-v1"
+# Buffers a checkpoint may lack (written before they existed); they load as the identity, and the
+# fingerprint stays that of the tensors the file holds.
+OPTIONAL_BUFFERS = ("feat_mean", "feat_scale")
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -106,31 +109,33 @@ def parse_checkpoint(data: bytes, source: str = "<bytes>") -> tuple[StudentNet, 
             f"computed {fp[:12]}): the file was modified or corrupted"
         )
     model = StudentNet(config)
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    for key in OPTIONAL_BUFFERS:  # checkpoints from before the feature standardisation
+        weights.setdefault(key, model.state_dict()[key])
     try:
-        model.load_state_dict(
-            {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        )
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         raise ModelError(f"{source}: weights do not fit {config.backbone}: {exc}") from exc
     return model.eval(), fp, dict(payload.get("meta") or {})
 
 
-def load_student(uri: str, device: str | None = None, precision: str = "fp32") -> TorchEmbedder:
-    """Load a student checkpoint from a path or URI as a ready `Embedder`."""
+def load_student(
+    uri: str,
+    device: str | None = None,
+    precision: str = "fp32",
+    backend: str = "torch",
+    threads: int = 0,
+) -> Embedder:
+    """Load a student checkpoint from a path or URI as a ready `Embedder`. By default the torch
+    module in fp32 (what training and tools that need `.module` want); jobs pass `backend="auto"`
+    and a compute precision for the onnxruntime backend on CPU (`rdcd.models.runtime`), whose
+    files are cached by the fingerprint beside `uri`."""
     try:
         data = rio.read_bytes(uri)
     except rio.StorageError as exc:
         raise ModelError(f"cannot load model {uri!r}: {exc}") from exc
     model, fp, _ = parse_checkpoint(data, uri)
-    cfg = model.config
-    return TorchEmbedder(
-        model,
-        name=f"student:{cfg.backbone}/{cfg.dim}",
-        dim=cfg.dim,
-        image_size=cfg.image_size,
-        fingerprint=fp,
-        mean=cfg.mean,
-        std=cfg.std,
-        device=device,
-        precision=precision,
-    )
+    from rdcd.models.runtime import student_embedder
+
+    return student_embedder(model, fp, uri, device=device, precision=precision, backend=backend,
+                            threads=threads)  # fmt: skip
