@@ -175,6 +175,20 @@ def _kill_after(deployment: str, delay: float):
     return disturb
 
 
+def _clients(n: int, loop, join_s: float):
+    """A disturbance of `n` threads each running `loop(stop)` until the window ends."""
+
+    def disturb(stop: threading.Event) -> None:
+        threads = [threading.Thread(target=loop, args=(stop,), daemon=True) for _ in range(n)]
+        for t in threads:
+            t.start()
+        stop.wait()
+        for t in threads:
+            t.join(timeout=join_s)
+
+    return disturb
+
+
 def _slow_clients(port: int, n: int = 70, gap_s: float = 2.0):
     def one(stop: threading.Event) -> None:
         try:
@@ -192,20 +206,11 @@ def _slow_clients(port: int, n: int = 70, gap_s: float = 2.0):
         except OSError:
             return
 
-    def disturb(stop: threading.Event) -> None:
-        # each slow client comes back as soon as it is answered, until the window ends
-        def loop() -> None:
-            while not stop.is_set():
-                one(stop)
+    def loop(stop: threading.Event) -> None:
+        while not stop.is_set():  # each slow client comes back as soon as it is answered
+            one(stop)
 
-        threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
-        for t in threads:
-            t.start()
-        stop.wait()
-        for t in threads:
-            t.join(timeout=10)
-
-    return disturb
+    return _clients(n, loop, join_s=10)
 
 
 def _costly_clients(url: str, n: int = 6):
@@ -213,23 +218,15 @@ def _costly_clients(url: str, n: int = 6):
     Image.new("L", (7999, 7999), 128).save(buf, "PNG", compress_level=9)
     data = buf.getvalue()
 
-    def disturb(stop: threading.Event) -> None:
-        def loop() -> None:
-            session = requests.Session()
-            while not stop.is_set():
-                try:
-                    session.post(url, data=data, timeout=60)
-                except requests.RequestException:
-                    time.sleep(0.1)
+    def loop(stop: threading.Event) -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                session.post(url, data=data, timeout=60)
+            except requests.RequestException:
+                time.sleep(0.1)
 
-        threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
-        for t in threads:
-            t.start()
-        stop.wait()
-        for t in threads:
-            t.join(timeout=70)
-
-    return disturb, len(data)
+    return _clients(n, loop, join_s=70), len(data)
 
 
 def _wait_healthy(base: str, timeout_s: float = 120) -> None:

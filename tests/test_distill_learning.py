@@ -207,7 +207,15 @@ def test_collapse_guard_stops_a_run_made_to_collapse(tmp_path):
             yield {"view1": same, "view2": same, "teacher": rng.normal(size=(4, 512)).astype(
                 np.float32)}  # fmt: skip
 
-    wild = tiny(images="x", lr=10.0, steps=30, collapse_window=3, warmup_steps=1, w_hn=0.0)
+    wild = tiny(
+        images="x",
+        lr=10.0,
+        steps=30,
+        collapse_limit=0.5,
+        collapse_window=3,
+        warmup_steps=1,
+        w_hn=0.0,
+    )
     exported = []
     with pytest.raises(CollapseError, match="no student was exported"):
         train(wild, batches, device=CPU, on_checkpoint=lambda s, i: exported.append(i))
