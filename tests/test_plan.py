@@ -32,7 +32,11 @@ for name, argv in runs.items():
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         rc = main(argv)
     out[name] = {"rc": rc, "seconds": time.perf_counter() - t, "text": buf.getvalue()}
-out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not getrusage: Linux folds the pre-exec (forked) image's peak into ru_maxrss, so a
+# child of a big pytest process would report the parent's size
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+out["maxrss_mib"] = (int(hwm[0].split()[1]) if hwm else
+                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 out["ray_imported"] = "ray" in sys.modules
 print(json.dumps(out))
 """
