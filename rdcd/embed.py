@@ -122,6 +122,7 @@ def embed_files(
 CRASH_ENV = "RDCD_TEST_CRASH_AFTER_PARTS"
 MANIFEST_SUFFIXES = (".txt", ".lst", ".parquet")
 _MAX_INPUT_BLOCKS = 10_000
+PLAN_SETTLE_S = 10.0  # how long a default plan waits for just-released CPUs before refusing
 _MAX_WRITES_IN_FLIGHT = 4
 
 
@@ -485,9 +486,21 @@ def _execute(
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING)  # honours RAY_ADDRESS
-    resources, free = ray.cluster_resources(), ray.available_resources()
-    plan = plan_actors(cfg, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)),
-                       free_cpus=float(free.get("CPU", 0)))  # fmt: skip
+    # A job that just ended (a previous `rdcd match` or `embed` in the same cluster) releases
+    # its actors a moment after it returns: give the free CPUs a few seconds to settle before a
+    # default plan that does not fit is refused.
+    settle = time.monotonic() + PLAN_SETTLE_S
+    while True:
+        resources, free = ray.cluster_resources(), ray.available_resources()
+        try:
+            plan = plan_actors(cfg, float(resources.get("CPU", 0)),
+                               float(resources.get("GPU", 0)),
+                               free_cpus=float(free.get("CPU", 0)))  # fmt: skip
+            break
+        except ValueError as exc:
+            if "are free" not in str(exc) or time.monotonic() > settle:
+                raise
+            time.sleep(0.5)
     log.info("actor plan: %s", plan)
     if plan.device == "cuda" and cfg.precision == "int8":
         raise ValueError("--precision int8 is a CPU precision (onnxruntime): on GPU actors use "
