@@ -97,12 +97,14 @@ def _kill(deployment: str) -> None:
 
 
 def _wait_answering(app, ref: int, timeout_s: float = 90) -> dict:
+    """The first complete answer: a 200 that covers every shard (while a killed searcher is
+    being replaced, answers are 200s that name its shards in `missing_shards`)."""
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
         try:
             last = _post(app, _query(app, ref), timeout=30)
-            if last.status_code == 200:
+            if last.status_code == 200 and not last.json()["missing_shards"]:
                 return last.json()
         except requests.RequestException:
             pass
