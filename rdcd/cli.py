@@ -402,7 +402,24 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="finish the recorded input listing even if the input changed since",
     )
+    p.add_argument(
+        "--local-features",
+        action="store_true",
+        help="also extract RootSIFT keypoints of every image into local/part-NNNNN.parquet "
+        "(verification and local recall; fixed for a run: a resume must say it too)",
+    )
+    p.add_argument(
+        "--local-short-side", type=int, help="--local-features working size: short side (300 px)"
+    )
+    p.add_argument(
+        "--local-max-keypoints", type=int, help="--local-features: strongest keypoints kept (600)"
+    )
     p.add_argument("--no-progress", action="store_true")
+
+
+def _local_overrides(args: argparse.Namespace) -> dict:
+    given = {"short_side": args.local_short_side, "max_keypoints": args.local_max_keypoints}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -424,6 +441,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         io_threads=args.io_threads,
         all_files=args.all_files,
         reuse_manifest=args.reuse_manifest,
+        local_features=args.local_features,
+        local_config=_local_overrides(args),
         progress=not args.no_progress,
     )
     run = run_embed_job(cfg)
@@ -435,7 +454,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     rate = t["images_per_second"]
     print(f"time             {t['total_seconds']} s"
           + (f" ({rate} images/s)" if rate else " (nothing left to embed)"))  # fmt: skip
-    print(f"wrote {cfg.out} (run.json, shards/, errors/)")
+    local = ", local/" if cfg.local_features else ""
+    print(f"wrote {cfg.out} (run.json, shards/, errors/{local})")
     return 0
 
 

@@ -9,6 +9,12 @@ cluster has one) and written as resumable Parquet parts through `rdcd.store`.
 
 Both report files that cannot be read or decoded with their reason and carry on: one bad file
 never costs a job.
+
+With `local_features` (`rdcd embed --local-features`) the read+decode tasks also extract each
+image's RootSIFT features (`rdcd.local.extract_bytes`, CPU, from the same bytes the model's pixels
+come from), which travel with the group to the writer and are committed as `local/part-NNNNN`
+beside the part's shard (see `rdcd.store`). An image whose features cannot be extracted is an
+error row like one that does not decode, so shards + errors still account for every input.
 """
 
 from __future__ import annotations
@@ -155,6 +161,10 @@ class EmbedJobConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     all_files: bool = False  # list every file under the prefix, not only image suffixes
     reuse_manifest: bool = False  # finish the recorded listing even if the input changed since
+    # RootSIFT features of every image into local/part-NNNNN.parquet (rdcd.local), for
+    # verification and local recall; fixed for a run, like the model
+    local_features: bool = False
+    local_config: dict[str, Any] = field(default_factory=dict)  # LocalConfig overrides
     progress: bool = True
 
     def validate(self) -> None:
@@ -178,6 +188,17 @@ class EmbedJobConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.decode_cpus <= 0:
             raise ValueError("decode_cpus must be > 0")
+        if self.local_config and not self.local_features:
+            raise ValueError("local feature settings apply with --local-features only")
+        self.local_settings()  # LocalConfig validates its fields
+
+    def local_settings(self) -> dict[str, Any] | None:
+        """The full LocalConfig of the run's local features, or None without them."""
+        if not self.local_features:
+            return None
+        from rdcd.local import LocalConfig
+
+        return LocalConfig.from_dict(self.local_config).to_dict()
 
     @property
     def storage_precision(self) -> str:
@@ -346,27 +367,88 @@ def _load_safe(uri: str, size: int, config: DecodeConfig) -> np.ndarray | str:
         return f"decode failed: {type(exc).__name__}: {exc}"
 
 
+def _load_with_local(
+    uri: str, size: int, config: DecodeConfig, local: dict[str, Any]
+) -> tuple[np.ndarray, bytes] | str:
+    """The model's pixels and the packed local features of one file, from one read; any failure
+    (of either) becomes the row's reason."""
+    from rdcd.local import LocalConfig, extract_bytes
+
+    try:
+        data = rio.read_bytes(uri)
+    except rio.StorageError as exc:
+        return f"unreadable: {exc}"
+    try:
+        pixels = load_for_model(data, size, config)
+    except DecodeError as exc:
+        return exc.reason
+    except Exception as exc:  # noqa: BLE001 - PIL plug-ins raise anything on hostile input
+        return f"decode failed: {type(exc).__name__}: {exc}"
+    try:
+        feats = extract_bytes(data, LocalConfig.from_dict(local), config)
+    except DecodeError as exc:
+        return f"local features: {exc.reason}"
+    except Exception as exc:  # noqa: BLE001 - one file never kills a task
+        return f"local features failed: {type(exc).__name__}: {exc}"
+    return pixels, pack_local(feats)
+
+
+_LOCAL_HEADER = np.dtype([("width", "<i4"), ("height", "<i4"), ("n", "<i4")])
+
+
+def pack_local(feats: Any) -> bytes:
+    """One image's `LocalFeatures` as bytes, to travel through Ray Data beside its pixels:
+    (width, height, n) int32, n x 4 float32 keypoints, n x 128 uint8 descriptors."""
+    head = np.array([(feats.width, feats.height, len(feats))], _LOCAL_HEADER).tobytes()
+    return head + feats.keypoints.astype("<f4").tobytes() + feats.descriptors.tobytes()
+
+
+def unpack_local(data: bytes) -> Any:
+    """`pack_local`'s inverse."""
+    from rdcd.local import LocalFeatures
+
+    head = np.frombuffer(data, _LOCAL_HEADER, count=1)[0]
+    n, at = int(head["n"]), _LOCAL_HEADER.itemsize
+    kp = np.frombuffer(data, "<f4", count=4 * n, offset=at).reshape(n, 4)
+    desc = np.frombuffer(data, np.uint8, count=128 * n, offset=at + 16 * n).reshape(n, 128)
+    return LocalFeatures(kp.copy(), desc.copy(), int(head["width"]), int(head["height"]))
+
+
 _IO_POOL: ThreadPoolExecutor | None = None
 
 
 def _decode_groups(
-    batch: dict[str, np.ndarray], *, size: int, group_size: int, io_threads: int, max_pixels: int
+    batch: dict[str, np.ndarray],
+    *,
+    size: int,
+    group_size: int,
+    io_threads: int,
+    max_pixels: int,
+    local: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray task: read and decode whole groups (one model batch each). Decoded images are packed at
-    the front of a fixed `group_size` block; the errors travel with the group as its reasons."""
+    the front of a fixed `group_size` block; the errors travel with the group as its reasons.
+    With `local` (a LocalConfig dict), each decoded image's local features travel too, packed
+    (`pack_local`) in the group's `local` list."""
     global _IO_POOL
     if _IO_POOL is None:
         _IO_POOL = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="rdcd-read")
     config = DecodeConfig(max_pixels=max_pixels)
-    starts, metas, blocks = [], [], []
+    if local is None:
+        load = lambda u: _load_safe(u, size, config)  # noqa: E731
+    else:
+        load = lambda u: _load_with_local(u, size, config, local)  # noqa: E731
+    starts, metas, blocks, locals_ = [], [], [], []
     for start, uris_json in zip(batch["start"], batch["uris"], strict=True):
         uris = json.loads(str(uris_json))
         pixels = np.zeros((group_size, size, size, 3), np.uint8)
         errors: list[str] = []
+        packed: list[bytes] = []
         n_ok = 0
-        for uri, result in zip(
-            uris, _IO_POOL.map(lambda u: _load_safe(u, size, config), uris), strict=True
-        ):
+        for uri, result in zip(uris, _IO_POOL.map(load, uris), strict=True):
+            if isinstance(result, tuple):
+                result, feats = result
+                packed.append(feats)
             if isinstance(result, np.ndarray):
                 pixels[n_ok] = result
                 n_ok += 1
@@ -377,11 +459,17 @@ def _decode_groups(
         starts.append(int(start))
         metas.append(json.dumps({"uris": uris, "errors": errors}))
         blocks.append(pixels)
-    return {
+        locals_.append(packed)
+    out = {
         "start": np.asarray(starts, np.int64),
         "meta": np.asarray(metas, dtype=object),
         "pixels": np.stack(blocks),
     }
+    if local is not None:
+        column = np.empty(len(locals_), dtype=object)
+        column[:] = locals_
+        out["local"] = column
+    return out
 
 
 class _EmbedActor:
@@ -400,9 +488,11 @@ class _EmbedActor:
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids, uris, errors, vectors, done = [], [], [], [], []
-        for start, meta_json, pixels in zip(batch["start"], batch["meta"], batch["pixels"],
-                                            strict=True):  # fmt: skip
+        ids, uris, errors, vectors, done, local = [], [], [], [], [], []
+        groups = batch.get("local")
+        for g, (start, meta_json, pixels) in enumerate(
+            zip(batch["start"], batch["meta"], batch["pixels"], strict=True)
+        ):
             meta = json.loads(str(meta_json))
             n = len(meta["uris"])
             ok = np.array([not e for e in meta["errors"]], dtype=bool)
@@ -414,13 +504,21 @@ class _EmbedActor:
             errors += meta["errors"]
             vectors.append(emb)
             done.append(np.full(n, time.time()))
-        return {
+            if groups is not None:  # packed features of the decoded rows, in row order
+                packed = iter(list(groups[g]))
+                local += [next(packed) if good else b"" for good in ok.tolist()]
+        out = {
             "id": np.concatenate(ids),
             "uri": np.asarray(uris, dtype=object),
             "error": np.asarray(errors, dtype=object),
             "embedding": np.concatenate(vectors),
             "done_at": np.concatenate(done),  # for the steady-state rate; not stored
         }
+        if groups is not None:
+            column = np.empty(len(local), dtype=object)
+            column[:] = local
+            out["local"] = column
+        return out
 
 
 def _group_items(
@@ -441,8 +539,10 @@ class _PartWriter:
     """Writes completed parts in a background thread (S3 latency overlaps the pipeline), at most
     a few in flight so the driver's memory stays bounded."""
 
-    def __init__(self, out: str, identity: store.RunIdentity):
-        self.out, self.identity = out, identity
+    def __init__(
+        self, out: str, identity: store.RunIdentity, local_config: dict[str, Any] | None = None
+    ):
+        self.out, self.identity, self.local_config = out, identity, local_config
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdcd-write")
         self.pending: deque[Future] = deque()
         self.written = 0
@@ -450,8 +550,12 @@ class _PartWriter:
         self.crash_after = int(crash) if crash else None
 
     def _write(self, part: int, rows: dict[str, Any]) -> None:
+        local = None
+        if self.local_config is not None:
+            local = [unpack_local(b) if not e else None
+                     for b, e in zip(rows["local"], rows["error"], strict=True)]  # fmt: skip
         files = store.encode_part(part, self.identity, rows["id"], rows["uri"], rows["embedding"],
-                                  rows["error"])  # fmt: skip
+                                  rows["error"], local, self.local_config)  # fmt: skip
         if self.crash_after is not None and self.written >= self.crash_after:
             shard_uri = store.part_uris(self.out, part)[0]
             rio.write_bytes(shard_uri, files.shard[: len(files.shard) // 2])
@@ -531,7 +635,8 @@ def _execute(
     aws = {k: os.environ[k] for k in rio.AWS_ENV if os.environ.get(k)} | trust_env()
     aws |= runtime_env_vars()  # the students' runtime cache and calibration photos
     env: dict[str, Any] = {"runtime_env": {"env_vars": aws}} if aws else {}
-    writer = _PartWriter(cfg.out, identity)
+    local = cfg.local_settings()
+    writer = _PartWriter(cfg.out, identity, local)
     bar = tqdm(total=n_images, desc="embedded", unit="img", disable=not cfg.progress)
     t0 = time.perf_counter()
     t_first: float | None = None
@@ -542,7 +647,7 @@ def _execute(
         ds = ds.map_batches(_decode_groups, batch_size=1, num_cpus=cfg.decode_cpus, **env,
                             fn_kwargs={"size": size, "group_size": cfg.batch_size,
                                        "io_threads": cfg.io_threads,
-                                       "max_pixels": cfg.max_pixels})  # fmt: skip
+                                       "max_pixels": cfg.max_pixels, "local": local})  # fmt: skip
         ds = ds.map_batches(
             _EmbedActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=plan.actors),
             num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None, **env,
@@ -627,6 +732,7 @@ def run_embed_job(cfg: EmbedJobConfig) -> dict[str, Any]:
     del model
     commits = store.committed_parts(cfg.out)
     store.check_identity(cfg.out, identity, commits)
+    store.check_local(cfg.out, commits, cfg.local_settings())
     t_list = time.perf_counter()
     manifest = prepare_manifest(cfg, bool(commits))
     listing_seconds = time.perf_counter() - t_list
@@ -649,6 +755,7 @@ def run_embed_job(cfg: EmbedJobConfig) -> dict[str, Any]:
         "fingerprint": identity.fingerprint,
         "config": cfg.to_dict(),
         "input": {"source": cfg.images, "images": total, "parts": n_parts},
+        "local_features": cfg.local_settings(),
         "attempts": attempts,
     }
     store.write_run(cfg.out, run)

@@ -7,6 +7,8 @@ Layout of `<out>/` (local path or `s3://` URI; see DESIGN.md, "Embedding run"):
     manifest/_manifest.json     count, source, sha256 of the listing (written after the Parquet)
     shards/part-NNNNN.parquet   id, uri, embedding fixed_size_list<float32|float16>[dim]
     errors/part-NNNNN.parquet   id, uri, error
+    local/part-NNNNN.parquet    `rdcd embed --local-features` only: one row per embedded image,
+                                `rdcd.local.LOCAL_SCHEMA` (keypoints, RootSIFT descriptors)
     _commits/part-NNNNN.json    written last: a shard without a commit does not exist
     run.json                    config, model, counts, timings
 
@@ -16,6 +18,12 @@ committed ones and overwrites whatever an interrupted run left uncommitted. Ever
 carries the model fingerprint in its key-value metadata, and the store refuses to mix two models.
 Readers (the FAISS index builder, evaluation) go through `read_embeddings`, which only sees
 committed parts.
+
+Local features follow the same protocol: a run that asks for them writes each part's local file
+before its commit, and the commit records its size, sha256, rows and the extraction settings
+(`local_config`). Whether a run has local features is fixed by its first commit, like the model:
+a resume with the other setting is refused (`check_local`), so a run never holds parts with and
+parts without them.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "rdcd-embeddings-v1"
 MANIFEST_DIR, SHARDS_DIR, ERRORS_DIR, COMMITS_DIR = "manifest", "shards", "errors", "_commits"
+LOCAL_DIR = "local"
 MANIFEST_FILE, MANIFEST_DONE, RUN_FILE = "manifest.parquet", "_manifest.json", "run.json"
 META_FINGERPRINT, META_DIM, META_MODEL = "rdcd.fingerprint", "rdcd.dim", "rdcd.model"
 META_PRECISION, META_PART = "rdcd.precision", "rdcd.part"
@@ -98,6 +107,7 @@ class PartFiles:
     shard: bytes
     errors: bytes
     commit: dict[str, Any]
+    local: bytes | None = None  # the local-features file, when the run extracts them
 
 
 def part_name(part: int) -> str:
@@ -112,6 +122,11 @@ def part_uris(out: str, part: int) -> tuple[str, str, str]:
         rio.join(out, ERRORS_DIR, f"{name}.parquet"),
         rio.join(out, COMMITS_DIR, f"{name}.json"),
     )
+
+
+def local_uri(out: str, part: int) -> str:
+    """The local-features file of `part` under `out` (only runs with local features have one)."""
+    return rio.join(out, LOCAL_DIR, f"{part_name(part)}.parquet")
 
 
 def part_range(part: int, shard_size: int, total: int) -> tuple[int, int]:
@@ -218,14 +233,22 @@ def encode_part(
     uris: Sequence[str],
     embeddings: np.ndarray,
     errors: Sequence[str],
+    local: Sequence[Any] | None = None,
+    local_config: dict[str, Any] | None = None,
 ) -> PartFiles:
     """Encode one complete part. Row `i` is embedded when `errors[i]` is empty, else it goes to the
-    errors file with its reason. Rows are sorted by id, so the bytes depend only on the inputs."""
+    errors file with its reason. Rows are sorted by id, so the bytes depend only on the inputs.
+
+    `local` (with `local_config`, the `rdcd.local.LocalConfig` they were extracted with): the
+    `LocalFeatures` of every row (ignored where the row failed), written as the part's local
+    file, one row per embedded image."""
     ids = np.asarray(ids, dtype=np.int64)
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
     uris = [uris[i] for i in order]
     errors = [errors[i] for i in order]
+    if local is not None:
+        local = [local[i] for i in order]
     embeddings = np.asarray(embeddings)[order]
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"part {part}: duplicate ids")
@@ -276,14 +299,34 @@ def encode_part(
         "errors_sha256": hashlib.sha256(err_bytes).hexdigest(),
         **identity.to_dict(),
     }
-    return PartFiles(part, shard_bytes, err_bytes, commit)
+    local_bytes = None
+    if local is not None:
+        from rdcd.local import LocalConfig, parquet_bytes, to_table
+
+        kept = [f for f, g in zip(local, ok, strict=True) if g]
+        lcfg = LocalConfig.from_dict(local_config or {})
+        table = to_table(ids[ok].tolist(), kept, lcfg)
+        theirs = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        table = table.replace_schema_metadata({**theirs, **meta})
+        local_bytes = parquet_bytes(table)
+        commit.update(
+            local=posixpath.join(LOCAL_DIR, f"{name}.parquet"),
+            local_bytes=len(local_bytes),
+            local_sha256=hashlib.sha256(local_bytes).hexdigest(),
+            local_keypoints=int(sum(len(f.keypoints) for f in kept)),
+            local_config=lcfg.to_dict(),
+        )
+    return PartFiles(part, shard_bytes, err_bytes, commit, local_bytes)
 
 
 def write_part(out: str, files: PartFiles) -> None:
-    """Shard, then errors, then the commit: a reader never sees a part that is not whole."""
+    """Shard, errors, local features, then the commit: a reader never sees a part that is not
+    whole."""
     shard_uri, errors_uri, commit_uri = part_uris(out, files.part)
     rio.write_bytes(shard_uri, files.shard)
     rio.write_bytes(errors_uri, files.errors)
+    if files.local is not None:
+        rio.write_bytes(local_uri(out, files.part), files.local)
     rio.write_text(commit_uri, json.dumps({**files.commit, "written_at": _now()}, indent=2))
 
 
@@ -348,6 +391,50 @@ def check_identity(
                 )
 
 
+def extraction_settings(local_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of a LocalConfig dict that shapes the stored features (working size, keypoint
+    cap): a resume may change the verification settings, never these."""
+    if local_config is None:
+        return None
+    from rdcd.local import LocalConfig
+
+    return LocalConfig.from_dict(local_config).extraction()
+
+
+def check_local(
+    out: str, commits: dict[int, dict[str, Any]], local_config: dict[str, Any] | None
+) -> None:
+    """Refuse to resume `out` with local features when its committed parts have none, or without
+    them (or with other extraction settings) when they have: every part of a run has the same
+    kind of files, so the index and the query paths never find some references unverifiable.
+
+    Adding local features to a finished run is not done in place: embed again into a new --out
+    with `--local-features` (descriptors are recomputed; the index is rebuilt from that run)."""
+    for part, commit in sorted(commits.items()):
+        theirs = commit.get("local_config") if commit.get("local") else None
+        where = rio.join(out, COMMITS_DIR, f"{part_name(part)}.json")
+        if local_config is not None and theirs is None:
+            raise StoreError(
+                f"refusing to resume {out} with --local-features: its committed parts have no "
+                f"local features (per {where}). Run without --local-features to finish it, or "
+                "embed into a new --out with --local-features from the start"
+            )
+        if local_config is None and theirs is not None:
+            raise StoreError(
+                f"refusing to resume {out} without --local-features: its committed parts have "
+                f"local features (per {where}); re-run with --local-features"
+            )
+        mine, stored = extraction_settings(local_config), extraction_settings(theirs)
+        if mine is not None and stored is not None and stored != mine:
+            changed = sorted(k for k in set(stored) | set(mine)
+                             if stored.get(k) != mine.get(k))  # fmt: skip
+            raise StoreError(
+                f"refusing to resume {out}: its local features were extracted with other "
+                f"settings ({', '.join(changed)} differ, per {where}). Re-run with the original "
+                "settings, or use another --out"
+            )
+
+
 def remove_stale_temporaries(out: str) -> int:
     """Delete the `*.tmp-*` files a killed local writer left behind (S3 writes leave none)."""
     if rio.is_s3(out):
@@ -356,7 +443,7 @@ def remove_stale_temporaries(out: str) -> int:
     import os
 
     removed = 0
-    for sub in (SHARDS_DIR, ERRORS_DIR, COMMITS_DIR, MANIFEST_DIR):
+    for sub in (SHARDS_DIR, ERRORS_DIR, COMMITS_DIR, MANIFEST_DIR, LOCAL_DIR):
         for path in glob.glob(os.path.join(rio.filesystem(out)[1], sub, "*.tmp-*")):
             os.remove(path)
             removed += 1
@@ -370,6 +457,7 @@ def remove_stale_temporaries(out: str) -> int:
 _DIGEST_KEYS = {
     "shard": ("shard_bytes", "shard_sha256"),
     "errors_file": ("errors_bytes", "errors_sha256"),
+    "local": ("local_bytes", "local_sha256"),
 }
 
 
@@ -411,7 +499,7 @@ def _read_table(out: str, commit: dict[str, Any], key: str) -> pa.Table:
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         what = f"not a readable Parquet file ({type(exc).__name__}: {reason})"
         raise _damaged(out, commit, uri, what) from exc
-    expected = commit["embedded"] if key == "shard" else commit["errors"]
+    expected = commit["errors"] if key == "errors_file" else commit["embedded"]
     if table.num_rows != expected:
         what = f"{table.num_rows} rows, its commit says {expected} (modified after its commit)"
         raise _damaged(out, commit, uri, what)
@@ -438,6 +526,47 @@ def read_part(out: str, commit: dict[str, Any]) -> tuple[np.ndarray, list[str], 
     )
 
 
+def has_local(commit: dict[str, Any]) -> bool:
+    """Whether a committed part has local features."""
+    return bool(commit.get("local"))
+
+
+def read_local_bytes(out: str, commit: dict[str, Any]) -> bytes:
+    """The local-features file of a committed part, checked against its commit (size, sha256):
+    what the index builder copies into a version."""
+    if not has_local(commit):
+        raise StoreError(
+            f"{rio.join(out, COMMITS_DIR, part_name(int(commit['part'])) + '.json')}: part "
+            f"{int(commit['part'])} of {out} has no local features; embed the references with "
+            "`rdcd embed --local-features` into a new --out"
+        )
+    uri = rio.join(out, *commit["local"].split("/"))
+    try:
+        data = rio.read_bytes(uri)
+    except rio.StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise _damaged(out, commit, uri, "committed, but the file is missing") from exc
+        raise
+    if len(data) != int(commit["local_bytes"]):
+        what = f"{len(data)} bytes, its commit says {int(commit['local_bytes'])}"
+        raise _damaged(out, commit, uri, f"{what} (truncated or modified after it was committed)")
+    if hashlib.sha256(data).hexdigest() != commit["local_sha256"]:
+        what = "its sha256 differs from its commit's (modified after it was committed)"
+        raise _damaged(out, commit, uri, what)
+    return data
+
+
+def read_local_part(out: str, commit: dict[str, Any]) -> dict[str, Any]:
+    """`{id: LocalFeatures}` of one committed part, checked against its commit (size, sha256,
+    rows) like the shard: a damaged or edited local file is one `StoreError` naming it."""
+    from rdcd.local import from_table
+
+    if not has_local(commit):
+        read_local_bytes(out, commit)  # raises the StoreError that says what to do
+    table = _read_table(out, commit, "local")
+    return from_table(table)
+
+
 def run_identity(out: str, commits: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The identity (fingerprint, model, dim, ...) and counts of the committed parts of a run."""
     commits = committed_parts(out) if commits is None else commits
@@ -456,6 +585,8 @@ def run_identity(out: str, commits: dict[int, dict[str, Any]] | None = None) -> 
         embedded=int(sum(c["embedded"] for c in commits.values())),
         errors=int(sum(c["errors"] for c in commits.values())),
         out=out,
+        local=all(has_local(c) for c in commits.values()),
+        local_config=first.get("local_config") if has_local(first) else None,
     )
     return meta
 
