@@ -74,6 +74,10 @@ UPDATE_ATTEMPTS = 5  # an update that loses a publication race is applied again 
 FLAT_MAX = 250_000  # up to here exact search is cheap enough: ~10 ms a query on one core
 SHARD_TARGET = 1_000_000  # default vectors per shard: one searcher replica's worth
 DEFAULT_BUDGET = 8 * 1024**3
+LOCAL_DIR = "local"
+LOCAL_RECALL_PER_REFERENCE = 256  # descriptors of each reference in the recall index
+FUSED_FIT_SAMPLE = 64  # references the build edits into synthetic copies to fit the fused score
+FUSED_FIT_MIN = 8  # below this many references the documented default is used
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
@@ -109,6 +113,10 @@ class IndexConfig:
     task_cpus: float = 1.0  # CPUs per shard task (also FAISS threads in it)
     gpu: bool | None = None  # train the quantizer on GPU; None = when FAISS sees one
     seed: int = 0
+    # local features (runs embedded with --local-features): carried into the version with a
+    # local-recall index and a fused score fitted on this many synthetic copies (0: the default)
+    local: bool = True
+    fused_fit_sample: int = FUSED_FIT_SAMPLE
 
     def validate(self) -> None:
         if not self.embeddings or not self.out:
@@ -365,6 +373,7 @@ def _describe_source(uri: str, offset: int, position: int) -> tuple[dict[str, An
         "embedded": meta["embedded"],
         "max_id": max_id + offset,
         "parts_sha256": _source_digest(commits),
+        "local_config": _source_local_config(uri, commits),
     }
     return entry, [r for r in refs if r.rows > 0]
 
@@ -746,6 +755,17 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
     total = sum(r["ntotal"] for r in results)
     if total != n:
         raise IndexStoreError(f"shards hold {total} vectors, the run has {n}; not publishing")
+    local = None
+    t_local = time.perf_counter()
+    if cfg.local and source.get("local_config") is not None:
+        entries = _copy_local_parts(root, version, 0, source["uri"], 0, none)
+        fused, fit = _fit_fused(source, entries, root, source["local_config"],
+                                cfg.fused_fit_sample, cfg.seed)  # fmt: skip
+        local = _local_section(root, version, entries, source["local_config"], fused, fit, none,
+                               cfg.gpu)  # fmt: skip
+        log.info("local features: %d references, fused score %s (%s)", len(entries), fused,
+                 fit.get("how"))  # fmt: skip
+    local_seconds = time.perf_counter() - t_local
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "version": version,
@@ -770,7 +790,9 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
         "background": (_write_background(root, version, background, cfg)
                        if background is not None else None),
         "background_stats": stats,
+        "local": local,
         "build": {"seconds": round(time.perf_counter() - t0, 3),
+                  "local_seconds": round(local_seconds, 3),
                   "sample_seconds": round(sample_seconds, 3),
                   "train_seconds": round(train_seconds, 3),
                   "add_seconds": round(add_seconds, 3), "gpu": gpu,
@@ -835,6 +857,20 @@ def _add_once(root: str, embeddings: str, cpus: float) -> dict[str, Any]:
     if not parts:
         raise IndexStoreError(f"{embeddings}: no embedded rows to add")
     trained = _read_checked(root, child["trained"]["file"], child["trained"]["sha256"])
+    parent_local = child.get("local")
+    if parent_local:
+        theirs = source.get("local_config")
+        if theirs is None:
+            raise IndexStoreError(
+                f"the index {root} verifies with local features, {embeddings} has none: its "
+                "references could never verify. Embed it with `rdcd embed --local-features`"
+            )
+        if not _same_extraction(theirs, parent_local["config"]):
+            raise IndexStoreError(
+                f"{embeddings}: its local features were extracted with other settings "
+                f"({store.extraction_settings(theirs)}) than the index's "
+                f"({store.extraction_settings(parent_local['config'])}); re-embed it"
+            )
     version = _claim_for(root, child)
     first = sum(1 for s in child["shards"] if s["name"].startswith("delta-"))
     results = _build_shards(root, version, trained, [parts], "delta", first, np.zeros(0, np.int64),
@@ -842,6 +878,13 @@ def _add_once(root: str, embeddings: str, cpus: float) -> dict[str, Any]:
     for r in results:
         r.pop("_bg_top1", None)
     _verify(root, results)
+    if parent_local:
+        position, offset = len(child["sources"]), int(child["next_id"])
+        new = _copy_local_parts(root, version, position, embeddings, offset, np.zeros(0, np.int64))
+        child["local"] = _local_section(
+            root, version, parent_local["parts"] + new, parent_local["config"],
+            parent_local["fused"], parent_local["fused_fit"], _read_tombstones(root, child), None,
+        )  # fmt: skip
     child["shards"] += results
     child["sources"].append(source)
     child["next_id"] = int(source["max_id"]) + 1
@@ -930,6 +973,11 @@ def _compact_once(root: str, shards: int | None, cpus: float) -> dict[str, Any]:
     expected = int(child["ntotal"]) - int(len(dead))
     if total != expected:
         raise IndexStoreError(f"compaction holds {total} vectors, expected {expected}")
+    if child.get("local"):
+        old = child["local"]
+        entries = _rewrite_local_parts(root, version, old["parts"], dead)
+        child["local"] = _local_section(root, version, entries, old["config"], old["fused"],
+                                        old["fused_fit"], dead, None)  # fmt: skip
     child.update(shards=results, ntotal=total, tombstones=None,
                  background_stats=stats or child.get("background_stats"))  # fmt: skip
     _publish(root, child, expected=child["parent"])
@@ -995,13 +1043,417 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "tombstones": (manifest.get("tombstones") or {}).get("count", 0),
         "exact_scores": manifest["exact_scores"],
         "search": manifest["search"],
+        "local": _local_summary(manifest.get("local")),
     }
+
+
+def _local_summary(section: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What `summary` says of a version's local data (None: it cannot verify)."""
+    if not section:
+        return None
+    recall = section.get("recall") or {}
+    return {"references": section["sizes"]["references"], "parts": len(section["parts"]),
+            "recall": bool(recall), "recall_factory": recall.get("factory"),
+            "fused": section["fused"], "fused_fit": section["fused_fit"].get("how"),
+            **section["sizes"]}  # fmt: skip
+
+
+# ---- local features: carried into the version, recall index, fused score ------------------------
+
+
+class LocalUnavailableError(IndexStoreError):
+    """A verification request against a version that holds no local features."""
+
+
+def _local_part_rel(version: int, source: int, part: int) -> str:
+    return f"v{version}/{LOCAL_DIR}/s{source}-{store.part_name(part)}.parquet"
+
+
+def _source_local_config(uri: str, commits: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """The LocalConfig of a run's local features; None when the run has none."""
+    with_local = [c for c in commits.values() if store.has_local(c)]
+    if not with_local:
+        return None
+    if len(with_local) != len(commits):
+        raise IndexStoreError(f"{uri}: only {len(with_local)} of {len(commits)} parts have local "
+                              "features; re-embed it with --local-features")  # fmt: skip
+    return with_local[0]["local_config"]
+
+
+def _same_extraction(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return store.extraction_settings(a) == store.extraction_settings(b)
+
+
+def _copy_local_parts(
+    root: str, version: int, source: int, run: str, offset: int, exclude: np.ndarray
+) -> list[dict[str, Any]]:
+    """Copy the committed local files of `run` into `v<version>/local/` (checked against their
+    commits on the way; rewritten without the ids in `exclude` when any of them is there).
+
+    Copied, not referenced: a version must answer without its embedding runs (a run may be
+    deleted or re-embedded once indexed, as the FAISS shards do not need it either). Versions
+    derived from this one name these files by path and sha256, so each is copied once."""
+    commits = store.committed_parts(run)
+
+    def copy(item: tuple[int, dict[str, Any]]) -> dict[str, Any] | None:
+        part, commit = item
+        if int(commit["embedded"]) == 0:
+            return None
+        data = store.read_local_bytes(run, commit)
+        rows = int(commit["embedded"])
+        if len(exclude):
+            table = pq.read_table(io.BytesIO(data))
+            keep = ~np.isin(table.column("id").to_numpy() + offset, exclude)
+            if not keep.all():
+                from rdcd.local import parquet_bytes
+
+                table = table.filter(pa.array(keep))
+                data, rows = parquet_bytes(table), int(table.num_rows)
+        rel = _local_part_rel(version, source, part)
+        rio.write_bytes(rio.join(root, *rel.split("/")), data)
+        return {"file": rel, "sha256": _sha(data), "bytes": len(data), "rows": rows,
+                "source": source, "offset": offset, "part": part,
+                "min_id": int(commit["first_id"]) + offset,
+                "max_id": int(commit["last_id"]) + offset}  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        entries = [e for e in pool.map(copy, sorted(commits.items())) if e is not None]
+    return entries
+
+
+def _rewrite_local_parts(
+    root: str, version: int, entries: list[dict[str, Any]], exclude: np.ndarray
+) -> list[dict[str, Any]]:
+    """Entries of an existing version's local files, without the ids in `exclude`: files that
+    hold none are kept as they are (named, not copied), the others are rewritten into
+    `v<version>/local/` (compaction: a tombstoned reference must never verify afterwards)."""
+    from rdcd.local import parquet_bytes
+
+    out = []
+    for e in entries:
+        if not len(exclude) or not np.any((exclude >= e["min_id"]) & (exclude <= e["max_id"])):
+            out.append(e)
+            continue
+        table = pq.read_table(io.BytesIO(_read_checked(root, e["file"], e["sha256"])))
+        keep = ~np.isin(table.column("id").to_numpy() + int(e["offset"]), exclude)
+        data = parquet_bytes(table.filter(pa.array(keep)))
+        rel = _local_part_rel(version, int(e["source"]), int(e["part"]))
+        rio.write_bytes(rio.join(root, *rel.split("/")), data)
+        out.append({**e, "file": rel, "sha256": _sha(data), "bytes": len(data),
+                    "rows": int(keep.sum())})  # fmt: skip
+    return out
+
+
+def _iter_local(root: str, entries: list[dict[str, Any]], exclude: np.ndarray | None = None):
+    """(index id, LocalFeatures) of every row of `entries`, hash-checked, without `exclude`."""
+    from rdcd.local import from_table
+
+    dead = set(exclude.tolist()) if exclude is not None and len(exclude) else set()
+    for e in entries:
+        table = pq.read_table(io.BytesIO(_read_checked(root, e["file"], e["sha256"])))
+        for rid, feats in from_table(table).items():
+            gid = int(rid) + int(e["offset"])
+            if gid not in dead:
+                yield gid, feats
+
+
+def _build_recall(
+    root: str, version: int, entries: list[dict[str, Any]], exclude: np.ndarray,
+    gpu: bool | None,
+) -> dict[str, Any] | None:  # fmt: skip
+    """The local-recall index over every live reference's descriptors, written to `v<version>/`
+    (`local.faiss` + `local.json`, rdcd.local.LocalIndex). None when no reference has any."""
+    from rdcd.local import LocalIndex
+
+    items = list(_iter_local(root, entries, exclude))
+    if not any(len(f) for _, f in items):
+        return None
+    t0 = time.perf_counter()
+    recall = LocalIndex.build(items, factory="auto", per_reference=LOCAL_RECALL_PER_REFERENCE,
+                              use_gpu=gpu)  # fmt: skip
+    files = recall.save(rio.join(root, f"v{version}"))
+    data = rio.read_bytes(rio.join(root, f"v{version}", "local.faiss"))
+    return {"dir": f"v{version}", "files": files, "bytes": len(data),
+            "factory": recall.info.get("factory"), "descriptors": recall.ntotal,
+            "references": recall.references, "per_reference": LOCAL_RECALL_PER_REFERENCE,
+            "bytes_per_reference": round(len(data) / max(1, recall.references), 1),
+            "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+
+
+def _local_sizes(entries: list[dict[str, Any]], recall: dict[str, Any] | None) -> dict[str, Any]:
+    rows = sum(int(e["rows"]) for e in entries)
+    stored = sum(int(e["bytes"]) for e in entries)
+    return {
+        "references": rows,
+        "feature_bytes_per_reference": round(stored / max(1, rows), 1),
+        "recall_bytes_per_reference": recall["bytes_per_reference"] if recall else 0.0,
+    }
+
+
+def _fit_fused(
+    source: dict[str, Any], entries: list[dict[str, Any]], root: str, local_config: dict,
+    sample: int, seed: int,
+) -> tuple[dict[str, float], dict[str, Any]]:  # fmt: skip
+    """Fit `FusedScore` on a labelled sample made here: `sample` references (seeded) are edited
+    into synthetic copies (`rdcd.edits.random_copy`, hard mix: crops, overlays, rotations,
+    flips), embedded with the run's model and matched against their original (label 1), against
+    the reference the global descriptor ranks nearest after it (label 0, the hardest negative
+    at hand) and against a random other reference (label 0). Returns the fitted score and what
+    it was fitted on; `FusedScore.DEFAULT` with the reason when that cannot be done."""
+    import random
+
+    from rdcd.decode import decode_image
+    from rdcd.edits import random_copy
+    from rdcd.local import FusedScore, LocalConfig, extract, verify
+
+    default = FusedScore.DEFAULT.to_dict()
+    run = store.read_run(source["uri"]) or {}
+    spec = (run.get("config") or {}).get("model")
+    if sample <= 0:
+        return default, {"how": "default", "reason": "fit disabled (--fused-fit-sample 0)"}
+    if int(source["embedded"]) < FUSED_FIT_MIN:
+        return default, {"how": "default", "reason": f"fewer than {FUSED_FIT_MIN} references"}
+    if not spec:
+        return default, {"how": "default", "reason": "the run does not record its model"}
+    t0 = time.perf_counter()
+    try:
+        from rdcd.embed import load_embedder
+
+        model = load_embedder(spec, teacher=(run.get("config") or {}).get("teacher"),
+                              device="cpu", threads=1, precision="auto")  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the fit is optional: say why and use the default
+        reason = f"cannot load the run's model {spec!r}: {str(exc).splitlines()[0][:200]}"
+        log.warning("fused score: %s; using the default", reason)
+        return default, {"how": "default", "reason": reason}
+    if model.fingerprint != source["fingerprint"]:
+        return default, {"how": "default", "reason": f"{spec!r} is no longer the run's model"}
+    emb = store.read_embeddings(source["uri"])
+    refs = dict(_iter_local(root, entries))
+    have = [i for i, rid in enumerate(emb.ids.tolist()) if rid in refs]
+    rng = random.Random(seed)
+    picks = sorted(rng.sample(have, min(sample, len(have))))
+    cfg = LocalConfig.from_dict(local_config)
+    g, inl, y = [], [], []
+    vectors = emb.embeddings
+    for i in picks:
+        rid = int(emb.ids[i])
+        try:
+            img = decode_image(rio.read_bytes(emb.uris[i]))
+        except Exception as exc:  # noqa: BLE001 - an image gone since embedding: skip it
+            log.debug("fused fit: skipping %s: %s", emb.uris[i], exc)
+            continue
+        copy, _ = random_copy(img, rng, hard=True)
+        from rdcd.decode import resize_square
+
+        q = model.embed(resize_square(copy.convert("RGB"), model.image_size)[None])[0]
+        qf = extract(copy, cfg)
+        sims = vectors @ q
+        sims_other = sims.copy()
+        sims_other[i] = -np.inf
+        hard = int(np.argmax(sims_other))
+        rand = rng.choice([j for j in have if j != i]) if len(have) > 1 else hard
+        for j, label in ((i, 1), (hard, 0), (rand, 0)):
+            other = refs.get(int(emb.ids[j]))
+            g.append(float(sims[j]))
+            inl.append(verify(qf, other, cfg).inliers if other is not None else 0)
+            y.append(label)
+        del rid
+    y_arr = np.array(y)
+    if len(y_arr) == 0 or y_arr.min() == y_arr.max():
+        return default, {"how": "default", "reason": "no usable labelled pairs"}
+    fused = FusedScore.fit(np.array(g), np.array(inl), y_arr)
+    p = fused(np.array(g), np.array(inl))
+    acc = float(np.mean((p >= fused.threshold) == (y_arr == 1)))
+    info = {"how": "fitted", "pairs": int(len(y_arr)), "copies": int(y_arr.sum()),
+            "model": spec, "seed": seed, "edits": "rdcd.edits.random_copy(hard=True)",
+            "negatives": "global nearest other reference + a random reference",
+            "score_input": "raw cosine", "train_accuracy": round(acc, 4),
+            "median_inliers_copies": float(np.median(np.array(inl)[y_arr == 1])),
+            "median_inliers_negatives": float(np.median(np.array(inl)[y_arr == 0])),
+            "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return fused.to_dict(), info
+
+
+def _local_section(
+    root: str, version: int, entries: list[dict[str, Any]], config: dict[str, Any],
+    fused: dict[str, float], fit: dict[str, Any], exclude: np.ndarray, gpu: bool | None,
+) -> dict[str, Any]:  # fmt: skip
+    recall = _build_recall(root, version, entries, exclude, gpu)
+    _verify_local(root, entries, recall)
+    return {"config": config, "parts": entries, "recall": recall, "fused": fused,
+            "fused_fit": fit, "sizes": _local_sizes(entries, recall)}  # fmt: skip
+
+
+def _verify_local(root: str, entries: list[dict[str, Any]], recall: dict | None) -> None:
+    """Read the local files back and compare their hashes before publishing."""
+
+    def check(e: dict[str, Any]) -> None:
+        _read_checked(root, e["file"], e["sha256"])
+
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(entries)))) as pool:
+        list(pool.map(check, entries))
+    if recall:
+        for name, sha in recall["files"].items():
+            _read_checked(root, f"{recall['dir']}/{name}", sha)
+
+
+class LocalData:
+    """What verification needs of one index version's references: their stored local features
+    by id (read from `v<N>/local/`, hash-checked, cached per part), the local-recall index, the
+    fused score and the extraction settings queries must use. Serve's ingress, `rdcd match` and
+    `rdcd evaluate --index` all verify through one of these, so they agree.
+
+    Tombstoned references never verify: they are dropped from candidates and votes."""
+
+    def __init__(
+        self,
+        root: str,
+        manifest: dict[str, Any],
+        tombstones: np.ndarray | None = None,
+        cache_parts: int = 64,
+    ) -> None:
+        from rdcd.local import FusedScore, LocalConfig
+
+        section = manifest.get("local")
+        if not section:
+            raise LocalUnavailableError(
+                f"index {root} v{manifest['version']} holds no local features, so it cannot "
+                "verify: build it from an embedding run made with `rdcd embed --local-features`"
+            )
+        self.root, self.manifest, self.section = root, manifest, section
+        self.version = int(manifest["version"])
+        self.config = LocalConfig.from_dict(section["config"])
+        self.fused = FusedScore.from_dict(section["fused"])
+        self.dead = (
+            np.asarray(tombstones, np.int64)
+            if tombstones is not None
+            else _read_tombstones(root, manifest)
+        )
+        self._dead = set(self.dead.tolist())
+        self._parts = sorted(section["parts"], key=lambda e: int(e["min_id"]))
+        self._starts = np.array([int(e["min_id"]) for e in self._parts], np.int64)
+        self._cache: dict[str, dict[int, Any]] = {}
+        self._cache_parts = max(1, cache_parts)
+        self._recall: Any = None
+        self._uris: dict[int, str] | None = None
+        self._lock = __import__("threading").Lock()
+
+    @property
+    def has_recall(self) -> bool:
+        return bool(self.section.get("recall"))
+
+    def _part_of(self, rid: int) -> dict[str, Any] | None:
+        i = int(np.searchsorted(self._starts, rid, side="right")) - 1
+        if i < 0:
+            return None
+        e = self._parts[i]
+        return e if rid <= int(e["max_id"]) else None
+
+    def _load_part(self, e: dict[str, Any]) -> dict[int, Any]:
+        from rdcd.local import from_table
+
+        with self._lock:
+            got = self._cache.get(e["file"])
+            if got is not None:
+                self._cache[e["file"]] = self._cache.pop(e["file"])  # most recently used
+                return got
+        table = pq.read_table(io.BytesIO(_read_checked(self.root, e["file"], e["sha256"])))
+        off = int(e["offset"])
+        feats = {int(k) + off: v for k, v in from_table(table).items()}
+        with self._lock:
+            self._cache[e["file"]] = feats
+            while len(self._cache) > self._cache_parts:
+                self._cache.pop(next(iter(self._cache)))
+        return feats
+
+    def features_of(self, ids: Any) -> dict[int, Any]:
+        """`{id: LocalFeatures}` of the live references among `ids` that have features."""
+        out: dict[int, Any] = {}
+        for rid in sorted({int(i) for i in ids if int(i) >= 0 and int(i) not in self._dead}):
+            e = self._part_of(rid)
+            if e is None:
+                continue
+            f = self._load_part(e).get(rid)
+            if f is not None:
+                out[rid] = f
+        return out
+
+    def recall_index(self) -> Any:
+        """The local-recall index (loaded on first use; None when the version has none)."""
+        if self._recall is None and self.has_recall:
+            from rdcd.local import LocalIndex
+
+            r = self.section["recall"]
+            _read_checked(self.root, f"{r['dir']}/local.json", r["files"]["local.json"])
+            self._recall = LocalIndex.load(rio.join(self.root, r["dir"]))
+        return self._recall
+
+    def vote(self, query: Any, top: int = 10) -> list[tuple[int, int]]:
+        """Local-recall votes for `query`, live references only, best first."""
+        recall = self.recall_index()
+        if recall is None:
+            return []
+        voted = recall.vote(query, top=top + len(self._dead), flips=self.config.flips)
+        return [(r, v) for r, v in voted if r not in self._dead][:top]
+
+    def uri_of(self, ids: Any) -> dict[int, str]:
+        """URIs of references (for candidates that only local recall proposed)."""
+        if self._uris is None:
+            held, uris = _held_ids(self.root, self.manifest)
+            self._uris = dict(zip(held.tolist(), uris, strict=True))
+        return {int(i): self._uris[int(i)] for i in ids if int(i) in self._uris}
+
+
+def load_local(root: str, version: int | None = None) -> LocalData:
+    """The local data of a published version (default: the one CURRENT names)."""
+    root = rio.canonical(root)
+    return LocalData(root, read_manifest(root, version))
+
+
+def verify_row(
+    local: Any,
+    query: Any,
+    ids: np.ndarray,
+    raw_scores: np.ndarray,
+    k: int,
+    recall: bool = True,
+) -> list[Any]:
+    """The verified top-`k` of one query: its global candidates (`ids`, with their raw cosine
+    `raw_scores`; ids < 0 are padding), plus the references local recall votes for when
+    `recall`, verified and rescored by the fused score (`rdcd.search.verify_candidates`), best
+    first. `local` is a `LocalData` (or anything with its `features_of`, `vote`, `fused`,
+    `config`). The one function every query path calls, so they agree."""
+    from rdcd.search import local_recall, verify_candidates
+
+    dead = getattr(local, "_dead", set())
+    gids = [int(i) for i in np.asarray(ids).tolist()]
+    gscores = [float(s) for s in np.asarray(raw_scores).tolist()]
+    keep = [(i, s) for i, s in zip(gids, gscores, strict=True) if i >= 0 and i not in dead]
+    gids, gscores = [i for i, _ in keep], [s for _, s in keep]
+    voted = local.vote(query) if recall else []
+    cands, scores, votes = local_recall(gids, gscores, voted)
+    out = verify_candidates(query, cands, scores, local.features_of, local.fused, local.config,
+                            votes)  # fmt: skip
+    return out[:k]
+
+
+def stored_form(feats: Any) -> Any:
+    """`feats` as a round trip through the Parquet form gives them back (float16 keypoints), so
+    features extracted in a request verify exactly as the same image's stored features do."""
+    from rdcd.local import LocalFeatures
+
+    kp = feats.keypoints.astype(np.float16).astype(np.float32)
+    return LocalFeatures(kp, feats.descriptors, feats.width, feats.height)
 
 
 __all__ = [
     "IndexConfig",
     "IndexStoreError",
     "FactoryChoice",
+    "LocalData",
+    "LocalUnavailableError",
+    "load_local",
+    "verify_row",
     "add_references",
     "build_index",
     "choose_factory",
