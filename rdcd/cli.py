@@ -150,7 +150,24 @@ def add_match_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, help="model actors (default: fill the cluster)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per model actor (default: auto)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor")
+    add_verify_args(p)
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="verify every candidate with local features (RootSIFT ratio test + geometric "
+        "model) and rank by the fused score; the answer carries inliers and region",
+    )
+    p.add_argument(
+        "--local-recall",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --verify: also verify the references the query's keypoints vote for "
+        "(default: on when the index has a local-recall index)",
+    )
 
 
 def cmd_match(args: argparse.Namespace) -> int:
@@ -174,6 +191,8 @@ def cmd_match(args: argparse.Namespace) -> int:
         actors=args.actors,
         cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor,
+        verify=args.verify,
+        local_recall=args.local_recall,
         progress=not args.no_progress,
     )
     s = run_match(cfg)
@@ -188,6 +207,11 @@ def cmd_match(args: argparse.Namespace) -> int:
           f"{c['queries_with_predictions']} queries{cap}")  # fmt: skip
     print(f"time             {t['total_seconds']} s (embed {t['embed_seconds']} s, "
           f"search {t['search_seconds']} s)")  # fmt: skip
+    if s.get("verify"):
+        v = s["verify"]
+        print(f"verified         {v['verified']} rows with enough inliers, {v['recalled']} "
+              f"proposed by local recall ({'on' if v['local_recall'] else 'off'}); "
+              f"records in {v['records']}")  # fmt: skip
     print(f"wrote {cfg.out} (query descriptors in {s['embeddings']})")
     return 0
 
@@ -574,6 +598,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    "embedder and searcher deployments; auto (default): local when the index "
                    "fits (<= 2 GiB of shards, CPU)")  # fmt: skip
     p.add_argument("--token-env", help="variable holding the bearer token (RDCD_SERVE_TOKEN)")
+    p.add_argument("--verify", action="store_true", default=None,
+                   help="verify with local features unless a request says verify=false "
+                   "(the index needs local data)")  # fmt: skip
+    p.add_argument("--local-recall", action=argparse.BooleanOptionalAction, default=None,
+                   help="verification adds local-recall candidates (default: on)")  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -599,6 +628,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "precision": args.precision,
         "layout": args.layout,
         "token_env": args.token_env,
+        "verify": args.verify,
+        "local_recall": args.local_recall,
     }
     cfg = ServeConfig.from_dict({k: v for k, v in given.items() if v is not None})
     auth = f"bearer token from ${cfg.token_env}" if os.environ.get(cfg.token_env) else "no auth"

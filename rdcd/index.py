@@ -1437,6 +1437,37 @@ def verify_row(
     return out[:k]
 
 
+def verified_matches(
+    verified: list[Any],
+    global_ids: Any,
+    uris: dict[int, str | None],
+    threshold: float,
+) -> list[dict[str, Any]]:
+    """JSON-ready matches of one verified query, as `/v1/match?verify=true` answers and
+    `rdcd match --verify` records them: `score` is the fused score, `raw_score` the global cosine
+    (None for a reference only local recall proposed: it has no global score of its own),
+    `inliers`, `region` (boxes in query and reference pixels), `transform`, `votes`."""
+    proposed = {int(i) for i in np.asarray(global_ids).tolist() if int(i) >= 0}
+    out = []
+    for c in verified:
+        v = c.verification.to_dict()
+        out.append(
+            {
+                "reference_id": int(c.id),
+                "uri": uris.get(int(c.id)),
+                "score": round(float(c.score), 6),
+                "raw_score": round(float(c.global_score), 6) if c.id in proposed else None,
+                "is_copy": float(c.score) >= threshold,
+                "inliers": int(c.inliers),
+                "matches": v["matches"],
+                "transform": v["transform"],
+                "region": v["region"],
+                "votes": int(c.votes),
+            }
+        )
+    return out
+
+
 def stored_form(feats: Any) -> Any:
     """`feats` as a round trip through the Parquet form gives them back (float16 keypoints), so
     features extracted in a request verify exactly as the same image's stored features do."""
@@ -1453,6 +1484,7 @@ __all__ = [
     "LocalData",
     "LocalUnavailableError",
     "load_local",
+    "verified_matches",
     "verify_row",
     "add_references",
     "build_index",

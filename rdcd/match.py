@@ -13,6 +13,13 @@ the rows that `/v1/match` would flag `is_copy` at threshold T; without it every 
 written, which is what µAP wants. `--max-predictions N` keeps the N best rows over all queries
 (the DISC2021 challenge allowed 500,000).
 
+With `--verify` the queries' local features are extracted by the same embedding job
+(`--local-features`), each query's global top-k (plus, with local recall, the references its
+keypoints vote for) is verified against the index's stored local features and rescored with the
+index's fused score (`rdcd.index.verify_row`, what `/v1/match?verify=true` runs): `score` is then
+the fused score, and `<out without suffix>.verified.jsonl` holds every written row with its
+`inliers`, `region`, `transform` and global `raw_score`, as the HTTP answer carries them.
+
 Ids follow DISC2021: a query's id is its file name without extension (`Q00042.jpg` -> `Q00042`),
 and so is a reference's, from the URI the index holds for it (`--reference-ids id` writes the
 index's integer ids instead, `uri` the full URI). `rdcd evaluate --index` builds its predictions
@@ -69,6 +76,8 @@ class MatchConfig:
     actors: int | None = None
     cpus_per_actor: float | None = None
     gpus_per_actor: float | None = None
+    verify: bool = False  # local verification of the candidates (the index needs local data)
+    local_recall: bool | None = None  # add local-recall candidates; None: when the index can
     progress: bool = True
 
     def validate(self) -> None:
@@ -82,11 +91,20 @@ class MatchConfig:
             raise MatchError(f"--max-predictions must be >= 1, got {self.max_predictions}")
         if self.threshold is not None and not np.isfinite(self.threshold):
             raise MatchError(f"--threshold must be finite, got {self.threshold}")
+        if self.verify and self.raw_scores:
+            raise MatchError("--raw-scores writes global cosines; with --verify the score is the "
+                             "fused one (the cosine is in the .verified.jsonl rows)")  # fmt: skip
+        if self.local_recall and not self.verify:
+            raise MatchError("--local-recall adds candidates to verify: it needs --verify")
         if self.reference_ids not in REFERENCE_ID_KINDS:
             raise MatchError(
                 f"--reference-ids must be one of {', '.join(REFERENCE_ID_KINDS)}, "
                 f"not {self.reference_ids!r}"
             )
+
+    def verified_uri(self) -> str:
+        """Where `--verify` writes the per-row verification records."""
+        return f"{self.out.rsplit('.', 1)[0]}.verified.jsonl"
 
     def embeddings_uri(self) -> str:
         if self.embeddings:
@@ -232,6 +250,53 @@ def query_ids_of(uris: list[str]) -> list[str]:
 # ---- the job --------------------------------------------------------------------------------
 
 
+def read_query_features(emb: str) -> dict[int, Any]:
+    """`{run id: LocalFeatures}` of every committed query of the embedding run `emb`."""
+    from rdcd import store
+
+    feats: dict[int, Any] = {}
+    for commit in store.committed_parts(emb).values():
+        if int(commit["embedded"]):
+            feats.update(store.read_local_part(emb, commit))
+    return feats
+
+
+def verify_predictions(
+    local: Any,
+    query_ids: list[str],
+    run_ids: np.ndarray,
+    found: Matches,
+    features: dict[int, Any],
+    k: int,
+    recall: bool,
+    name=lambda rid, uri: rio.stem(uri),
+    threshold: float | None = None,
+) -> tuple[list[Match], list[dict[str, Any]]]:
+    """Verified predictions of every query (`rdcd.index.verify_row`: what `/v1/match?verify=true`
+    answers), and one JSON-ready record per row with what the HTTP answer carries."""
+    from rdcd.index import verified_matches, verify_row
+
+    cut = local.fused.threshold if threshold is None else threshold
+    out: list[Match] = []
+    records: list[dict[str, Any]] = []
+    for row, (qid, rid) in enumerate(zip(query_ids, run_ids.tolist(), strict=True)):
+        query = features.get(int(rid))
+        if query is None:
+            raise MatchError(f"query {qid}: no local features in the query run")
+        ids, raw = found.ids[row], found.raw_scores[row]
+        verified = verify_row(local, query, ids, raw, k, recall)
+        uris = {int(i): u for i, u in zip(ids.tolist(), found.uris[row], strict=True) if i >= 0}
+        extra = [c.id for c in verified if c.id not in uris]
+        uris.update(local.uri_of(extra) if extra else {})
+        for m in verified_matches(verified, ids, uris, cut):
+            if threshold is not None and not m["is_copy"]:
+                continue
+            written = name(m["reference_id"], m["uri"])
+            out.append(Match(qid, written, float(m["score"])))
+            records.append({"query_id": qid, "written_id": written, **m})
+    return out, records
+
+
 def run_match(cfg: MatchConfig) -> dict[str, Any]:
     """Embed `cfg.queries` (Ray Data), search `cfg.index`, write `cfg.out`; returns a summary.
 
@@ -250,6 +315,15 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
         manifest["fingerprint"], model.fingerprint, f"index {cfg.index} v{manifest['version']}"
     )
     del model
+    local = None
+    if cfg.verify:  # refused before any image is embedded when the index cannot verify
+        from rdcd.index import LocalData
+
+        local = LocalData(rio.canonical(cfg.index), manifest)
+        if cfg.local_recall and not local.has_recall:
+            raise MatchError(f"index {cfg.index} v{manifest['version']} has no local-recall "
+                             "index; run without --local-recall")  # fmt: skip
+    recall = bool(local is not None and (cfg.local_recall is not False) and local.has_recall)
     emb = cfg.embeddings_uri()
     run = run_embed_job(
         EmbedJobConfig(
@@ -263,6 +337,8 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
             actors=cfg.actors,
             cpus_per_actor=cfg.cpus_per_actor,
             gpus_per_actor=cfg.gpus_per_actor,
+            local_features=local is not None,
+            local_config=local.config.to_dict() if local is not None else {},
             progress=cfg.progress,
         )
     )
@@ -273,17 +349,26 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
     t_load = time.perf_counter()
     qids = query_ids_of(queries.uris)
     found = search_index(index, queries.embeddings, cfg.k, queries.meta["fingerprint"])
-    predictions = to_predictions(
-        qids,
-        found,
-        name=reference_namer(index, cfg.reference_ids),
-        threshold=cfg.threshold,
-        raw=cfg.raw_scores,
-    )
+    name = reference_namer(index, cfg.reference_ids)
+    records: list[dict[str, Any]] = []
+    if local is None:
+        predictions = to_predictions(qids, found, name=name, threshold=cfg.threshold,
+                                     raw=cfg.raw_scores)  # fmt: skip
+    else:
+        predictions, records = verify_predictions(
+            local, qids, queries.ids, found, read_query_features(emb), cfg.k, recall,
+            name, cfg.threshold,
+        )  # fmt: skip
     before_cap = len(predictions)
     predictions = cap_predictions(predictions, cfg.max_predictions)
+    if local is not None:  # the rows the cap kept, in the order written
+        kept = {(p.query_id, p.reference_id) for p in predictions}
+        records = [r for r in records if (r["query_id"], r["written_id"]) in kept]
     t_search = time.perf_counter()
     write_predictions_file(cfg.out, predictions)
+    if local is not None:
+        rio.write_text(cfg.verified_uri(),
+                       "".join(json.dumps(r) + "\n" for r in records))  # fmt: skip
     summary: dict[str, Any] = {
         "out": cfg.out,
         "embeddings": emb,
@@ -291,7 +376,18 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
         "index_version": index.version,
         "model": run["model"],
         "fingerprint": run["fingerprint"],
-        "score": "raw" if cfg.raw_scores or index.normalizer is None else "normalised",
+        "score": "fused"
+        if local is not None
+        else ("raw" if cfg.raw_scores or index.normalizer is None else "normalised"),
+        "verify": None
+        if local is None
+        else {
+            "records": cfg.verified_uri(),
+            "local_recall": recall,
+            "verified": sum(1 for r in records if r["inliers"] >= local.config.min_inliers),
+            "recalled": sum(1 for r in records if r["raw_score"] is None),
+            "fused": local.fused.to_dict(),
+        },
         "counts": {
             "queries": len(queries.uris) + len(failed),
             "embedded": len(queries.uris),
@@ -324,6 +420,8 @@ __all__ = [
     "reference_namer",
     "run_match",
     "search_index",
+    "read_query_features",
     "to_predictions",
+    "verify_predictions",
     "write_predictions_file",
 ]

@@ -31,6 +31,14 @@ model when `CURRENT` names one it refuses. `GET /v1/health` says `ok`, `degraded
 is not `CURRENT`, a searcher does not answer) or `unhealthy` (the embedder or every searcher is
 down: HTTP 503), with the reasons, so a load balancer can act on it.
 
+Verification (`verify=true` on a request, or `verify: true` as the config default): the embedder
+also extracts the query's RootSIFT features (CPU, once per request), and the ingress verifies the
+global top-k, plus the references local recall votes for (`local_recall`), against the index
+version's stored local features with `rdcd.index.verify_row`, the code `rdcd match --verify` runs;
+`score` becomes the fused score, `is_copy` compares it with the index's fused threshold (unless
+the request gives `threshold`), and each match carries `inliers`, `region`, `transform`,
+`votes`. A version without local data answers a verify request with 409 and the reason.
+
 Bad input is a 4xx with `{"error": reason}`; overload, a fault (a replica that died or is being
 replaced) or a passed deadline is a 503 with `Retry-After`, as JSON. Every request has deadlines
 from its first byte: `body_timeout_s` to finish the upload (slow clients cannot hold the
@@ -167,6 +175,10 @@ class ServeConfig:
     # auth: when this environment variable is set (on the ingress), every route but health
     # wants `Authorization: Bearer <its value>`
     token_env: str = "RDCD_SERVE_TOKEN"
+    # local verification: the default of a request's `verify` (the index needs local data), and
+    # whether verification adds the references local recall votes for (`local_recall`)
+    verify: bool = False
+    local_recall: bool = True
 
     def validate(self) -> None:
         if not self.index:
@@ -217,6 +229,8 @@ INGRESS_SETTINGS = (
     "max_inflight_bytes",
     "max_ongoing_requests",
     "token_env",
+    "verify",
+    "local_recall",
 )
 EMBEDDER_SETTINGS = ("max_batch_size", "batch_wait_timeout_s")
 
@@ -327,6 +341,24 @@ class Embedder:
             *(loop.run_in_executor(self._decoders, self._decode, b) for b in images)
         )
         return await loop.run_in_executor(self._pool, self._run, list(decoded))
+
+    def _extract(self, data: bytes, config: dict[str, Any]) -> dict[str, Any]:
+        from rdcd.index import stored_form
+        from rdcd.local import LocalConfig, extract_bytes
+
+        try:
+            feats = extract_bytes(data, LocalConfig.from_dict(config), self.decode_config)
+        except DecodeError as exc:
+            return {"error": exc.reason, "status": decode_status(exc.reason)}
+        f = stored_form(feats)  # what the same image's stored features would be
+        return {"keypoints": f.keypoints, "descriptors": f.descriptors, "width": f.width,
+                "height": f.height}  # fmt: skip
+
+    async def extract_local(self, data: bytes, config: dict[str, Any]) -> dict[str, Any]:
+        """The query's local features, extracted with the index's settings `config` (CPU, on the
+        decoding threads): `{"keypoints", "descriptors", "width", "height"}` or an error."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decoders, self._extract, data, config)
 
     def _run(self, decoded: list[np.ndarray | str]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [{} for _ in decoded]
@@ -458,6 +490,7 @@ class _Version:
     manifest: dict[str, Any]
     finisher: ShardedIndex  # no shards: score normalisation of merged results (`finish`)
     groups: list[list[str]]
+    local: rindex.LocalData | None = None  # None: the version cannot verify
 
 
 def _error(status: int, reason: str, retry_after: int | None = None) -> JSONResponse:
@@ -518,6 +551,17 @@ def _parse_threshold(value: str | None, default: float | None) -> float | None:
     if not math.isfinite(t):
         raise ServeError(400, f"threshold must be finite, got {value[:20]!r}")
     return t
+
+
+def _parse_bool(name: str, value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ServeError(400, f"{name} must be true or false, got {value[:20]!r}")
 
 
 def _replay(body: bytes) -> Callable[[], Any]:
@@ -619,7 +663,9 @@ class Ingress:
             rindex.load_normalizer(self.root, manifest),
         )
         names = [s["name"] for s in manifest["shards"]]
-        return _Version(version, manifest, finisher, shard_groups(names, len(self.searchers)))
+        local = rindex.LocalData(self.root, manifest) if manifest.get("local") else None
+        return _Version(version, manifest, finisher, shard_groups(names, len(self.searchers)),
+                        local)  # fmt: skip
 
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():
@@ -788,6 +834,30 @@ class Ingress:
             out.append(data)
         return out
 
+    @staticmethod
+    def _no_local(version: _Version) -> str:
+        return (
+            f"index v{version.version} holds no local features, so it cannot verify: rebuild "
+            "it from an embedding run made with `rdcd embed --local-features`, or ask without "
+            "verify=true"
+        )
+
+    async def _extract(self, data: bytes, config: dict[str, Any],
+                       deadline: _Deadline) -> dict[str, Any]:  # fmt: skip
+        """The query's local features from the embedder (CPU), under the same deadlines."""
+        if not data:
+            return {"error": "empty image", "status": 400}
+        timeout = min(float(self.settings["embed_timeout_s"]), deadline.left())
+        try:
+            return await asyncio.wait_for(self.embedder.extract_local.remote(data, config), timeout)
+        except BackPressureError:
+            raise ServeError(503, "overloaded: the embedder's queue is full, retry later") from None
+        except asyncio.TimeoutError:
+            raise ServeError(503, "overloaded: local features took too long, retry") from None
+        except (RayServeException, RayActorError) as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ServeError(503, f"embedder unavailable ({first}), retry later") from None
+
     async def _embed(self, data: bytes, deadline: _Deadline) -> dict[str, Any]:
         if not data:
             return {"error": "empty image", "status": 400}
@@ -846,11 +916,23 @@ class Ingress:
         threshold: float | None,
         single: bool,
         deadline: _Deadline,
+        verify: tuple[bool] | None = None,  # (local_recall,) to verify; None: global only
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
         self._ensure_poller()
         version = self.current
-        embedded = await asyncio.gather(*(self._embed(b, deadline) for b in images))
+        if verify is not None and version.local is None:
+            raise ServeError(409, self._no_local(version))
+        jobs = [self._embed(b, deadline) for b in images]
+        if verify is not None:
+            assert version.local is not None
+            config = version.local.config.to_dict()
+            jobs += [self._extract(b, config, deadline) for b in images]
+        done = await asyncio.gather(*jobs)
+        embedded, extracted = done[: len(images)], done[len(images) :]
+        for i, x in enumerate(extracted):  # a query that decodes for one decodes for both
+            if "error" in x and "vector" in embedded[i]:
+                embedded[i] = x
         t_embed = time.perf_counter()
         if single and "error" in embedded[0]:
             raise ServeError(int(embedded[0]["status"]), str(embedded[0]["error"]))
@@ -868,6 +950,20 @@ class Ingress:
             raw, ids, uris, missing = await self._search(version, queries, k, fingerprint, deadline)
             t_search = time.perf_counter()
             found = version.finisher.finish(queries, raw, ids, tuple(missing))
+            if verify is not None:
+                if threshold is None:
+                    threshold = float(version.local.fused.threshold)  # type: ignore[union-attr]
+                verified = await asyncio.to_thread(
+                    self._verify, version, [extracted[i] for i in good], found, uris,
+                    k, verify[0], threshold,
+                )  # fmt: skip
+                for row, i in enumerate(good):
+                    matches = verified[row]
+                    results[i] = {
+                        "is_copy": bool(matches and matches[0]["is_copy"]),
+                        "matches": matches,
+                    }
+                good = []  # answered
             for row, i in enumerate(good):
                 matches = []
                 for col in range(ids.shape[1]):
@@ -895,14 +991,42 @@ class Ingress:
             "threshold": threshold,
             "score_normalised": version.finisher.normalizer is not None,
             "missing_shards": missing,
+            "verified": verify is not None,
         }
+        if verify is not None:
+            head["score"] = "fused"
+            head["local_recall"] = bool(verify[0] and version.local.has_recall)  # type: ignore[union-attr]
         now = time.perf_counter()
         head["took_ms"] = round(1000 * (now - t0), 2)
         head["timings_ms"] = {
             "embed": round(1000 * (t_embed - t0), 2),
             "search": round(1000 * (t_search - t_embed), 2),
         }
+        if verify is not None:
+            head["timings_ms"]["verify"] = round(1000 * (now - t_search), 2)
         return {**head, **results[0]} if single else {**head, "results": results}
+
+    @staticmethod
+    def _verify(version: _Version, extracted: list[dict[str, Any]], found: Any,
+                uris: dict[int, str], k: int, recall: bool,
+                threshold: float) -> list[list[dict[str, Any]]]:  # fmt: skip
+        """Verified matches of each query row (`rdcd.index.verify_row`, as `rdcd match
+        --verify`), off the event loop: matching costs milliseconds per candidate."""
+        from rdcd.local import LocalFeatures
+
+        local = version.local
+        assert local is not None
+        out = []
+        for row, x in enumerate(extracted):
+            query = LocalFeatures(x["keypoints"], x["descriptors"], x["width"], x["height"])
+            ids = found.ids[row]
+            verified = rindex.verify_row(local, query, ids, found.raw_scores[row], k,
+                                         recall and local.has_recall)  # fmt: skip
+            known = {int(i): uris.get(int(i)) for i in ids.tolist() if i >= 0}
+            extra = [c.id for c in verified if c.id not in known]
+            known.update(local.uri_of(extra) if extra else {})
+            out.append(rindex.verified_matches(verified, ids, known, threshold))
+        return out
 
     def _default_threshold(self, version: _Version) -> float:
         if self.settings["threshold"] is not None:
@@ -918,10 +1042,17 @@ class Ingress:
             request.query_params.get("k"), int(self.settings["k"]), int(self.settings["max_k"])
         )
         threshold = _parse_threshold(request.query_params.get("threshold"), None)
+        params = request.query_params
+        verify = _parse_bool("verify", params.get("verify"), bool(self.settings["verify"]))
+        recall = _parse_bool("local_recall", params.get("local_recall"),
+                             bool(self.settings["local_recall"]))  # fmt: skip
+        if verify and self.current.local is None:
+            raise ServeError(409, self._no_local(self.current))
 
         async def work() -> dict[str, Any]:
             images = await self._images(request, many, deadline)
-            return await self._match(images, k, threshold, not many, deadline)
+            return await self._match(images, k, threshold, not many, deadline,
+                                     (recall,) if verify else None)  # fmt: skip
 
         # Refused here, as JSON, before Serve's own cap (set a little higher in build_app) would
         # queue the request at the proxy or answer with its plain-text 503.
