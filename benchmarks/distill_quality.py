@@ -1,7 +1,14 @@
-"""How good is a distilled student? µAP on held-out real copies, beside the teacher and an
+"""How good is a distilled student? µAP on held-out copies, beside the teacher and an
 untrained student, plus training throughput and the teacher's share of a training step.
 
     python benchmarks/distill_quality.py --student runs/default/train/student.pt [--student ...]
+    python benchmarks/distill_quality.py --set pool --baseline prev.pt \
+        --student runs/pool/train/student.pt
+
+`--set pool` is the set that ranks students: the train_pool hold-out with photos of the same
+category as distractors (see `build_pool_eval_set`); every model is embedded once and scored at
+64/128/256 (its own dim as it is, lower dims by PCA fitted on the background set), beside the
+512-d teacher. The default `--set photos`:
 
 The evaluation set is a DISC2021-layout folder built from data no training run here used:
 - the hold-out slice of ../shared/data/photos (every 4th photo in name order; the training
@@ -23,14 +30,20 @@ import csv
 import json
 import os
 import platform
+import random
+import shutil
 import time
+import zlib
+from collections import defaultdict
 
 import numpy as np
 import torch
 
 from rdcd import io as rio
+from rdcd.decode import decode_image
 from rdcd.demo import build_demo_set
 from rdcd.distill import RDCD, DistillConfig, make_optimizer, train_step
+from rdcd.edits import random_copy
 from rdcd.embed import embed_files
 from rdcd.evaluate import EvalConfig, evaluate
 from rdcd.metrics import Match, evaluate_predictions, read_ground_truth, write_ground_truth
@@ -78,6 +91,120 @@ def build_eval_set(shared: str, root: str) -> dict:
     return counts
 
 
+# ---- the train-pool held-out set ----------------------------------------------------------------
+# One photo in ten of ../shared/data/train_pool, chosen by a hash of its name (stable when the pool
+# grows), is never trained on. From it: references with several photos of each category (another
+# motorbike on white, another face against the same wall: the distractors that break ImageNet
+# features), one hard copy of a subset of them as queries, hard copies of *other* held-out photos
+# of the same categories as distractor queries (no reference: any match is a false positive), and
+# the rest as the background set for score normalisation.
+POOL_HOLDOUT_MOD = 10
+
+
+def pool_category(name: str) -> str:
+    """`caltech101__Faces__image_0001.jpg` -> `caltech101/Faces`; Imagenette by synset; the
+    clothing photos are one category."""
+    parts = os.path.basename(name).split("__")
+    if parts[0] == "imagenette224" and len(parts) > 2:
+        return f"imagenette/{parts[2]}"
+    if parts[0] == "caltech101" and len(parts) > 1:
+        return f"caltech101/{parts[1]}"
+    return parts[0]
+
+
+def pool_is_holdout(name: str) -> bool:
+    return zlib.crc32(os.path.basename(name).encode()) % POOL_HOLDOUT_MOD == 0
+
+
+def pool_photos(shared: str, holdout: bool) -> list[str]:
+    folder = os.path.join(shared, "train_pool")
+    if not os.path.isdir(folder):
+        return []
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg")))
+    return [os.path.join(folder, n) for n in names if pool_is_holdout(n) == holdout]
+
+
+def pool_training_manifest(shared: str) -> list[str]:
+    """Training images of the pool student: the pool outside its hold-out, plus the default
+    student's manifest (photos outside their hold-out, imagenet_dev)."""
+    return pool_photos(shared, holdout=False) + training_manifest(shared)
+
+
+def _save(img, path: str, quality: int = 90) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.convert("RGB").save(path, "JPEG", quality=quality)
+
+
+def build_pool_eval_set(shared: str, root: str, seed: int = 13, references: int = 320,
+                        queries: int = 200, distractors: int = 160,
+                        background: int = 300) -> dict:  # fmt: skip
+    """Write the DISC-layout pool hold-out set under `root` (local path); returns its counts.
+
+    References are drawn category by category (at least 4 photos of each category they use), so
+    most queries' true reference sits among photos of its own kind; queries are hard copies
+    (`random_copy(hard=True)`: 2-4 edits, tight crops, overlays onto other held-out photos)."""
+    held = pool_photos(shared, holdout=True)
+    if not held:
+        raise FileNotFoundError(f"no train_pool hold-out under {shared}")
+    rng = random.Random(seed)
+    by_cat: dict[str, list[str]] = defaultdict(list)
+    for p in held:
+        by_cat[pool_category(p)].append(p)
+    cats = sorted(c for c, ps in by_cat.items() if len(ps) >= 6)
+    rng.shuffle(cats)
+    refs, dis_src, rest = [], [], []
+    for c in cats:
+        ps = sorted(by_cat[c])
+        rng.shuffle(ps)
+        if len(refs) < references:
+            take = min(len(ps) // 2, max(4, len(ps) // 3), references - len(refs))
+            refs += ps[:take]
+            dis_src += ps[take : take + max(1, take // 2)]
+            rest += ps[take + max(1, take // 2) :]
+        else:
+            rest += ps
+    rest += [p for c, ps in by_cat.items() if c not in cats for p in ps]
+    rng.shuffle(rest)
+    rng.shuffle(dis_src)
+    bg = rest[:background]
+    if os.path.isdir(root):
+        shutil.rmtree(root)
+    images = {p: decode_image(rio.read_bytes(p)) for p in refs + dis_src + bg}
+    canvases = [images[p] for p in bg[:60]]
+    gt: list[tuple[str, str | None]] = []
+    sources = [("id", "source", "edits")]
+    ref_ids = {}
+    for i, p in enumerate(refs):
+        ref_ids[p] = f"R{i:06d}"
+        _save(images[p], os.path.join(root, "references", ref_ids[p] + ".jpg"))
+        sources.append((ref_ids[p], os.path.basename(p), ""))
+    q = 0
+    for p in rng.sample(refs, min(queries, len(refs))):
+        img, names = random_copy(images[p], rng, hard=True, canvases=canvases)
+        _save(img, os.path.join(root, "queries", f"Q{q:05d}.jpg"))
+        gt.append((f"Q{q:05d}", ref_ids[p]))
+        sources.append((f"Q{q:05d}", os.path.basename(p), "+".join(names)))
+        q += 1
+    for p in dis_src[:distractors]:
+        img, names = random_copy(images[p], rng, hard=True, canvases=canvases)
+        _save(img, os.path.join(root, "queries", f"Q{q:05d}.jpg"))
+        gt.append((f"Q{q:05d}", None))
+        sources.append((f"Q{q:05d}", os.path.basename(p), "+".join(names)))
+        q += 1
+    for t, p in enumerate(bg):
+        _save(images[p], os.path.join(root, "train", f"T{t:06d}.jpg"))
+        sources.append((f"T{t:06d}", os.path.basename(p), ""))
+    write_ground_truth(os.path.join(root, "ground_truth.csv"), gt)
+    with open(os.path.join(root, "sources.csv"), "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(sources)
+    return {"references": len(refs), "categories": len({pool_category(p) for p in refs}),
+            "queries": q, "copies": sum(1 for _, r in gt if r),
+            "distractors": sum(1 for _, r in gt if not r), "background": len(bg)}  # fmt: skip
+
+
+EVAL_SETS = {"pool": build_pool_eval_set, "photos": build_eval_set}
+
+
 PRECISION_ROWS = {  # label -> (precision, backend)
     "torch-fp32": ("fp32", "torch"),
     "fp32": ("fp32", "auto"),
@@ -113,6 +240,62 @@ def mixed_precision(root: str, spec: str, index_precision: str, query_precision:
         out[key] = evaluate_predictions(preds, gt)["uap"]
     out["precisions"] = (idx_model.precision, q_model.precision)
     return out
+
+
+def dims_table(root: str, models: list[tuple[str, str]], dims=(256, 128, 64)) -> list[dict]:
+    """µAP / µAP-sn / recall@P90 of each model at each dim of `dims`, embedding each model once:
+    a model's own dim as it is, a lower dim by PCA of its descriptors fitted on the background
+    set (how a 512-d teacher or a 256-d student is cut to 64/128 without retraining)."""
+    from rdcd.search import ScoreNormalizer, search
+
+    gt = read_ground_truth(rio.join(root, "ground_truth.csv"))
+    rows = []
+    for label, spec in models:
+        model = load_model(spec)
+        r_ids, refs = _embed_folder(model, rio.join(root, "references"))
+        _, bg = _embed_folder(model, rio.join(root, "train"))
+        q_ids, qs = _embed_folder(model, rio.join(root, "queries"))
+        for d in dims:
+            if d > model.dim:
+                continue
+            if d == model.dim:
+                cut = lambda x: x  # noqa: E731
+                how = "as is"
+            else:
+                mean = bg.mean(axis=0)
+                _, _, vt = np.linalg.svd(bg - mean, full_matrices=False)
+                axes = vt[:d].T
+
+                def cut(x, mean=mean, axes=axes):
+                    y = (x - mean) @ axes
+                    return (y / np.linalg.norm(y, axis=1, keepdims=True).clip(1e-12)).astype(
+                        np.float32
+                    )
+
+                how = f"PCA {model.dim}->{d}"
+            found = search(cut(qs), cut(refs), 10, ScoreNormalizer(cut(bg)))
+            out = {"model": label, "spec": spec, "dim": d, "how": how}
+            for key, scores in (("", found.raw_scores), ("_sn", found.scores)):
+                preds = [Match(q, r_ids[j], float(s)) for qi, q in enumerate(q_ids)
+                         for j, s in zip(found.indices[qi], scores[qi], strict=True)
+                         if j >= 0]  # fmt: skip
+                m = evaluate_predictions(preds, gt)
+                out["uap" + key] = m["uap"]
+                out["recall_at_p90" + key] = m.get("recall_at_p90", float("nan"))
+            rows.append(out)
+    return rows
+
+
+def print_dims_table(rows: list[dict]) -> None:
+    teacher = {r["dim"]: r for r in rows if r["spec"] == "sscd"}
+    print(f"{'model':<40}{'dim':>5}{'how':>16}{'µAP':>8}{'µAP-sn':>8}{'R@P90-sn':>10}"
+          f"{'µAP/T':>8}{'sn/T':>7}   (/T: over the 512-d teacher)")  # fmt: skip
+    for r in rows:
+        t = teacher.get(max(teacher)) if teacher else None  # the full 512-d teacher
+        ratio = r["uap"] / t["uap"] if t else float("nan")
+        ratio_sn = r["uap_sn"] / t["uap_sn"] if t else float("nan")
+        print(f"{r['model']:<40}{r['dim']:>5}{r['how']:>16}{r['uap']:>8.3f}{r['uap_sn']:>8.3f}"
+              f"{r['recall_at_p90_sn']:>10.3f}{ratio:>8.2f}{ratio_sn:>7.2f}")  # fmt: skip
 
 
 def untrained_student(like: str, path: str) -> str:
@@ -157,6 +340,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--student", action="append", default=[], help="trained student checkpoint(s)")
     p.add_argument("--work", default="runs/distill-quality", help="where the eval set is built")
+    p.add_argument("--baseline", action="append", default=[],
+                   help="--set pool: earlier students (e.g. the previous default)")  # fmt: skip
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.add_argument(
@@ -166,10 +351,29 @@ def main() -> None:
     )
     p.add_argument("--no-untrained", action="store_true", help="skip the untrained rows")
     p.add_argument("--write-manifest", metavar="FILE",
-                   help="write the training manifest (hold-out excluded) and exit")  # fmt: skip
+                   help="write the training listing of --set (no hold-out), exit")  # fmt: skip
+    p.add_argument("--set", dest="eval_set", choices=sorted(EVAL_SETS), default="photos",
+                   help="held-out set: `pool` (train_pool hold-out, category distractors) or "
+                   "`photos` (photos/ hold-out + real copy pairs)")  # fmt: skip
     args = p.parse_args()
     if args.write_manifest:
-        rio.write_text(args.write_manifest, "\n".join(training_manifest(SHARED)) + "\n")
+        listing = pool_training_manifest if args.eval_set == "pool" else training_manifest
+        rio.write_text(args.write_manifest, "\n".join(listing(SHARED)) + "\n")
+        return
+    if args.eval_set == "pool":
+        root = os.path.join(args.work, "pool")
+        counts = build_pool_eval_set(SHARED, root)
+        print(f"pool hold-out set: {counts}")
+        print(f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}")
+        models = [("teacher SSCD R50 (int8 ONNX)", "sscd")]
+        models += [(f"baseline {os.path.basename(b)}", b) for b in args.baseline]
+        models += [(f"student {os.path.basename(st)}", st) for st in args.student]
+        rows = dims_table(root, models)
+        print_dims_table(rows)
+        if args.json:
+            rio.write_text(args.json, json.dumps({"eval_set": counts, "rows": rows,
+                                                  "hardware": f"{os.cpu_count()} CPUs, no GPU"},
+                                                 indent=2))  # fmt: skip
         return
     root = os.path.join(args.work, "data")
     counts = build_eval_set(SHARED, root)

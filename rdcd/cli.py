@@ -366,9 +366,55 @@ def dry_run_train(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+def _tail_config(args: argparse.Namespace):
+    """The config of a `trainer: tail` file (`rdcd.finetune`), or None for the Ray Train
+    distillation. --set, --images, --out, --steps and --dim apply to both."""
+    import yaml
+
+    from rdcd import io as rio
+
+    if not args.config:
+        return None
+    values = yaml.safe_load(rio.read_text(args.config)) or {}
+    if not isinstance(values, dict) or values.get("trainer", "distill") != "tail":
+        return None
+    from rdcd.finetune import TailConfig
+
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        values[key] = yaml.safe_load(raw) if raw else None
+    direct = {"images": args.images, "out": args.out, "steps": args.steps, "dim": args.dim}
+    values.update({k: v for k, v in direct.items() if v is not None})
+    return TailConfig.from_dict(values)
+
+
+def cmd_train_tail(cfg) -> int:
+    from rdcd.finetune import train_tail
+
+    for name in ("rdcd.finetune", "rdcd.viewcache"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    print(f"tail distillation of {cfg.start} from {cfg.teacher} on {cfg.images}: {cfg.views} "
+          f"views/image cached in {cfg.cache_dir or cfg.out + '/cache'}, {cfg.steps} steps "
+          f"-> {cfg.out}")  # fmt: skip
+    s = train_tail(cfg)
+    print(f"done: {s['cached_images']} images x {s['views']} views (cache {s['cache_seconds']} s), "
+          f"{s['steps_this_run']} steps in {s['train_seconds']} s")  # fmt: skip
+    for dim, o in s["outputs"].items():
+        print(f"student d{dim}: {o['uri']} (fingerprint {o['fingerprint'][:12]})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rdcd.train import run_local, run_training
 
+    tail = _tail_config(args)
+    if tail is not None:
+        if args.dry_run:
+            print(f"tail trainer (rdcd.finetune): {tail}")
+            return 0
+        return cmd_train_tail(tail)
     cfg = load_distill_config(args)
     if args.dry_run:
         return dry_run_train(args, cfg)

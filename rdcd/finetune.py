@@ -1,0 +1,348 @@
+"""Tail distillation over cached views: how the default student is made on a CPU.
+
+`rdcd.distill` is the paper's recipe (Ray Train, every view through the teacher, the whole
+student trained); on two CPU cores it manages ~8 images/s, so a session's run sees the training
+pool a couple of times. This trainer gets many more distinct images into the same hours:
+- the teacher's descriptor of every view and the student's frozen front are computed once
+  (`rdcd.viewcache`), so each step only runs the tail (blocks from `from_block`, `conv_head`,
+  both heads; batch norm frozen at the start's statistics, which is what a pretrained start wants);
+- the loss is direct feature distillation, the most sample-efficient signal a teacher gives:
+  `h_S` (512-d) points where the teacher's descriptor of the same view points (`w_feat`), the
+  d-dim descriptor points where the teacher's descriptor projected on its own top-d principal axes
+  points (`w_desc`), plus the paper's relational term on the descriptor against a memory of other
+  views' teacher targets (`w_rel`, T = 0.04), which keeps the ranking among unrelated images;
+- the weights are averaged (EMA), and the average is what gets saved.
+The principal axes (PCA of the teacher's normalised descriptors over all cached views) also give
+the 64/128-d heads: after training, a head per dimension is fitted in closed form (least squares
+from `h_S` to the teacher's projected descriptor), so one run yields every dimension.
+
+Checkpoints (`<out>/state.pt`: weights, EMA, optimizer, step) are written every
+`checkpoint_every` steps; a re-run of the same command resumes from the last one. The batch of a
+step is a pure function of (seed, step), so a resumed run draws what the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rdcd import io as rio
+from rdcd import viewcache
+from rdcd.losses import feature_loss
+from rdcd.models import load_model
+from rdcd.models.checkpoint import save_checkpoint
+from rdcd.models.pretrained import load_backbone_weights
+from rdcd.models.student import StudentConfig, StudentNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TailConfig:
+    """`rdcd train --config jobs/configs/cpu-pool.yaml` (a config with `trainer: tail`)."""
+
+    images: str = ""  # a listing file (one path/URI per line) or a folder
+    max_images: int = 0  # train on the first N of the seeded shuffle of the listing (0: all)
+    out: str = "runs/pool/train"
+    # `efficientnet-lite0` (ImageNet weights the installed package ships; both heads fitted in
+    # closed form to the cached teacher targets before the first step) or any --model spec of a
+    # student checkpoint (its trunk, front and BN; the head refitted)
+    start: str = "efficientnet-lite0"
+    teacher: str = "sscd"
+    views: int = 4
+    size: int = 224
+    from_block: int = 5
+    seed: int = 0
+    cache_dir: str | None = None  # default <out>/cache
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    w_feat: float = 1.0
+    w_desc: float = 1.0
+    w_rel: float = 1.0
+    t_rel: float = 0.04
+    memory_size: int = 4096
+    ema: float = 0.998
+    dim: int = 256  # the trained head
+    extra_dims: list[int] = field(default_factory=lambda: [128, 64])  # fitted heads
+    checkpoint_every: int = 200
+    eval_every: int = 0  # steps between calls of the eval hook (0: only at the end)
+    threads: int = 0  # torch threads (0: all cores)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TailConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - {"trainer"})
+        if unknown:
+            raise ValueError(f"unknown tail-trainer settings: {', '.join(unknown)}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def validate(self) -> TailConfig:
+        if not self.images:
+            raise ValueError("images: a listing file or folder of training images is required")
+        for name in ("views", "size", "steps", "batch_size", "memory_size", "dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.views < 2:
+            raise ValueError("views must be at least 2 (the clean image and one augmentation)")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError("ema must be in [0, 1)")
+        return self
+
+
+def list_images(images: str) -> list[str]:
+    """A listing file (one per line, `#` comments) or a folder of images."""
+    if rio.is_s3(images) or os.path.isdir(images):
+        return [f.uri for f in rio.list_files(images, rio.IMAGE_SUFFIXES)]
+    lines = rio.read_text(images).splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def teacher_axes(targets: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, axes [D, dim]) of the L2-normalised teacher descriptors: their top-`dim`
+    principal axes, the best `dim`-d linear view of the teacher's geometry."""
+    t = targets.reshape(-1, targets.shape[-1]).astype(np.float64)
+    if len(t) <= dim:
+        raise ValueError(f"{len(t)} cached views cannot give {dim} principal axes: "
+                         "cache more images or views, or train a smaller dim")  # fmt: skip
+    t /= np.linalg.norm(t, axis=1, keepdims=True).clip(1e-12)
+    mean = t.mean(axis=0)
+    _, _, vt = np.linalg.svd(t - mean, full_matrices=False)
+    return mean.astype(np.float32), vt[:dim].T.astype(np.float32)
+
+
+def project_targets(targets: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
+    return F.normalize(F.normalize(targets, dim=-1) @ axes - mean @ axes, dim=-1)
+
+
+def _trainable(net: StudentNet, from_block: int) -> list[torch.nn.Parameter]:
+    frozen = ("backbone.conv_stem", "backbone.bn1") + tuple(
+        f"backbone.blocks.{i}." for i in range(from_block)
+    )
+    params = []
+    for name, p in net.named_parameters():
+        p.requires_grad = not name.startswith(frozen)
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def _hidden(net: StudentNet, maps: np.ndarray, from_block: int, batch: int = 128) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([viewcache.tail(net, torch.from_numpy(maps[i : i + batch]).float(),
+                                         from_block)[0]
+                          for i in range(0, len(maps), batch)])  # fmt: skip
+
+
+def fit_head(net: StudentNet, cache: viewcache.ViewCache, cfg: TailConfig, dim: int,
+             sample: int = 8192) -> StudentNet:  # fmt: skip
+    """A copy of `net` with a new `dim`-d head fitted in closed form: least squares from `h_S`
+    to the teacher's descriptor on its top-`dim` principal axes, over `sample` cached views."""
+    rng = np.random.default_rng(cfg.seed + dim)
+    n, v = cache.maps.shape[:2]
+    pick = rng.choice(n * v, min(sample, n * v), replace=False)
+    maps = cache.maps.reshape(n * v, *cache.maps.shape[2:])[np.sort(pick)]
+    targets = torch.from_numpy(cache.teacher.reshape(n * v, -1)[np.sort(pick)])
+    mean, axes = (torch.from_numpy(a) for a in teacher_axes(cache.teacher, dim))
+    z_t = project_targets(targets, mean, axes)
+    h = _hidden(net, maps, cfg.from_block).double()
+    x = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], dim=1)
+    sol = torch.linalg.lstsq(x, z_t.double()).solution  # [hidden + 1, dim]
+    config = copy.deepcopy(net.config)
+    config.dim = dim
+    out = StudentNet(config)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
+    state["head.weight"] = sol[:-1].T.float()
+    state["head.bias"] = sol[-1].float()
+    out.load_state_dict(state)
+    return out.eval()
+
+
+def _state_uri(cfg: TailConfig) -> str:
+    return rio.join(cfg.out, "state.pt")
+
+
+def _save_state(cfg: TailConfig, step: int, net, ema, opt) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"step": step, "model": net.state_dict(), "ema": ema.state_dict(),
+                "opt": opt.state_dict()}, buf)  # fmt: skip
+    rio.write_bytes(_state_uri(cfg), buf.getvalue())
+
+
+def train_tail(
+    cfg: TailConfig,
+    evaluate_hook: Callable[[StudentNet, int], dict] | None = None,
+) -> dict:
+    """Build or resume the view cache, train the tail, save `student.pt` (the EMA weights,
+    cfg.dim) and `student-d<N>.pt` for each extra dim; returns the summary written to
+    `run.json`."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    uris = list_images(cfg.images)
+    # a seeded shuffle: chunks of the cache mix every source, and `max_images` takes a prefix
+    uris = [uris[i] for i in np.random.default_rng(cfg.seed).permutation(len(uris))]
+    if cfg.max_images:
+        uris = uris[: cfg.max_images]
+    start = start_student(cfg)
+    teacher = load_model(cfg.teacher, teacher_size=cfg.size)
+    vc_cfg = viewcache.ViewCacheConfig(views=cfg.views, size=cfg.size, from_block=cfg.from_block,
+                                       seed=cfg.seed)  # fmt: skip
+    cache_dir = cfg.cache_dir or os.path.join(cfg.out, "cache")
+    t0 = time.perf_counter()
+    cache = viewcache.build(cache_dir, uris, start, teacher.embed, vc_cfg, teacher_name=cfg.teacher)
+    cache_s = time.perf_counter() - t0
+    n, v = cache.maps.shape[:2]
+    log.info("tail trainer: %d images x %d views cached (%.0f s)", n, v, cache_s)
+
+    mean, axes = (torch.from_numpy(a) for a in teacher_axes(cache.teacher, cfg.dim))
+    targets = torch.from_numpy(cache.teacher)
+    net = copy.deepcopy(start)
+    if not rio.exists(_state_uri(cfg)):
+        if cfg.start == PACKAGE_START:
+            fit_project(net, cache, cfg)
+        net = fit_head(net, cache, cfg, cfg.dim)  # start the head where the loss wants it
+    params = _trainable(net, cfg.from_block)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = copy.deepcopy(net)
+    step0 = 0
+    if rio.exists(_state_uri(cfg)):
+        import io
+
+        state = torch.load(io.BytesIO(rio.read_bytes(_state_uri(cfg))), weights_only=True)
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step0 = int(state["step"])
+        log.info("tail trainer: resuming at step %d", step0)
+    net.eval()  # batch norm keeps the start's statistics throughout
+    history = []
+    t_train = time.perf_counter()
+    for step in range(step0 + 1, cfg.steps + 1):
+        warm = min(1.0, step / max(1, cfg.warmup_steps))
+        lr = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rng = np.random.default_rng([cfg.seed, step])
+        idx = rng.choice(n, cfg.batch_size, replace=n < cfg.batch_size)
+        view = rng.integers(0, v, cfg.batch_size)
+        x = torch.from_numpy(cache.maps[idx, view]).float()
+        t = F.normalize(targets[idx, view], dim=1)
+        h, z = viewcache.tail(net, x, cfg.from_block)
+        z_t = project_targets(t, mean, axes)
+        loss = cfg.w_feat * feature_loss(h, t) + cfg.w_desc * feature_loss(z, z_t)
+        if cfg.w_rel:
+            mi = rng.integers(0, n, cfg.memory_size), rng.integers(0, v, cfg.memory_size)
+            memory = project_targets(targets[mi], mean, axes)
+            log_p_t = F.log_softmax(z_t @ memory.T / cfg.t_rel, dim=1)
+            log_p_s = F.log_softmax(z @ memory.T / cfg.t_rel, dim=1)
+            rel = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+            loss = loss + cfg.w_rel * rel
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+                if p.requires_grad:
+                    pe.mul_(cfg.ema).add_(p.detach(), alpha=1 - cfg.ema)
+        if step % 20 == 0:
+            sec = (time.perf_counter() - t_train) / (step - step0)
+            log.info("tail trainer: step %d/%d loss %.4f lr %.2e (%.2f s/step)", step, cfg.steps,
+                     loss.item(), lr, sec)  # fmt: skip
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _save_state(cfg, step, net, ema, opt)
+        if evaluate_hook and cfg.eval_every and step % cfg.eval_every == 0:
+            history.append({"step": step, **evaluate_hook(ema, step)})
+    train_s = time.perf_counter() - t_train
+    ema.eval()
+    fp = save_checkpoint(ema, rio.join(cfg.out, "student.pt"),
+                         meta={"trainer": "tail", "steps": cfg.steps})  # fmt: skip
+    outputs = {cfg.dim: {"uri": rio.join(cfg.out, "student.pt"), "fingerprint": fp}}
+    for d in cfg.extra_dims:
+        head = fit_head(ema, cache, cfg, d)
+        uri = rio.join(cfg.out, f"student-d{d}.pt")
+        outputs[d] = {
+            "uri": uri,
+            "fingerprint": save_checkpoint(head, uri, meta={"trainer": "tail"}),
+        }
+    summary = {
+        "config": asdict(cfg),
+        "images": len(uris),
+        "cached_images": int(n),
+        "views": int(v),
+        "cache_seconds": round(cache_s, 1),
+        "train_seconds": round(train_s, 1),
+        "steps_this_run": cfg.steps - step0,
+        "seconds_per_step": round(train_s / max(1, cfg.steps - step0), 3),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "outputs": {str(k): o for k, o in outputs.items()},
+        "history": history,
+        "hardware": f"{os.cpu_count()} CPUs, cuda={torch.cuda.is_available()}",
+    }
+    rio.write_text(rio.join(cfg.out, "run.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+PACKAGE_START = "efficientnet-lite0"
+
+
+def start_student(cfg: TailConfig) -> StudentNet:
+    """The student before the first step (float32, eval mode), of `cfg.dim`."""
+    if cfg.start == PACKAGE_START:
+        net = StudentNet(StudentConfig(backbone="efficientnet_lite0", dim=cfg.dim))
+        load_backbone_weights(net.backbone, "efficientnet_lite0", PACKAGE_START)
+        return net.float().eval()
+    net = load_model(cfg.start).module
+    if not isinstance(net, StudentNet):
+        raise ValueError(f"start {cfg.start!r} is not a student checkpoint")
+    net = net.float().eval()
+    if net.config.dim != cfg.dim:  # same trunk, a head of the new dim (fitted before step 1)
+        config = copy.deepcopy(net.config)
+        config.dim = cfg.dim
+        out = StudentNet(config)
+        state = {k: t for k, t in net.state_dict().items() if not k.startswith("head.")}
+        out.load_state_dict(state, strict=False)
+        net = out.eval()
+    return net
+
+
+@torch.inference_mode()
+def fit_project(net: StudentNet, cache: viewcache.ViewCache, cfg: TailConfig,
+                sample: int = 8192) -> None:  # fmt: skip
+    """Standardise the pooled feature and fit `project` in closed form (least squares onto the
+    teacher's normalised descriptor) over `sample` cached views: a random projection would
+    spend the first hundreds of steps finding what one solve gives."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    n, v = cache.maps.shape[:2]
+    pick = np.sort(rng.choice(n * v, min(sample, n * v), replace=False))
+    maps = cache.maps.reshape(n * v, *cache.maps.shape[2:])[pick]
+    bb = net.backbone
+    pooled = []
+    for i in range(0, len(maps), 128):
+        x = torch.from_numpy(maps[i : i + 128]).float()
+        for block in bb.blocks[cfg.from_block :]:
+            x = block(x)
+        pooled.append(net.pool(bb.bn2(bb.conv_head(x))).flatten(1))
+    f = torch.cat(pooled)
+    net.standardise(f.mean(0), f.std(0))
+    x = ((f - net.feat_mean) * net.feat_scale).double()
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    t = F.normalize(torch.from_numpy(cache.teacher.reshape(n * v, -1)[pick]), dim=1).double()
+    sol = torch.linalg.lstsq(x, t).solution
+    net.project.weight.copy_(sol[:-1].T.float())
+    net.project.bias.copy_(sol[-1].float())
