@@ -44,6 +44,12 @@ def print_metrics(result: dict) -> None:
     print(f"µAP (score-norm) {_fmt(result.get('uap_sn'))}")
     print(f"recall@P90       {_fmt(result.get('recall_at_p90_sn', result['recall_at_p90']))}")
     print(f"recall@1         {_fmt(result['recall_at_1'])}")
+    v = result.get("verified")
+    if v:
+        recall = "with local recall" if v.get("local_recall") else "no local recall"
+        print(f"verified µAP     {_fmt(v['uap'])}, recall@P90 {_fmt(v['recall_at_p90'])}, "
+              f"recall@1 {_fmt(v['recall_at_1'])} ({recall}; {v['verify_ms_per_query']} ms "
+              "per query)")  # fmt: skip
     t = result.get("timings", {})
     print(f"time             {t.get('total_seconds')} s ({t.get('images_per_second')} images/s)")
 
@@ -69,6 +75,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
         help="search this published index (`rdcd index --out`) instead of embedding references/: "
         "the production path; its background set does the score normalisation",
     )
+    add_verify_args(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -93,6 +100,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         index=args.index,
         precision=args.precision,
+        verify=args.verify,
+        local_recall=args.local_recall is not False,
     )
     result = evaluate(cfg)
     print_metrics(result)

@@ -11,6 +11,14 @@ index instead (`rdcd embed` + `rdcd index`), and queries go through the producti
 `ShardedIndex.search` and the prediction rows of `rdcd.match`, which `rdcd match` and the Serve
 endpoint share. On an exact (Flat) index built from the same references and background, the
 figures equal those of the flat search.
+
+With `verify` (`rdcd evaluate --verify`), every query's top-k (plus the references local recall
+votes for) is also verified with local features and rescored by the fused score, through
+`rdcd.index.verify_row` like `rdcd match --verify` and `/v1/match?verify=true`: in-process, the
+references' local features are extracted on the fly (and the fused score is
+`FusedScore.DEFAULT`); with `index`, the index's stored features, recall index and fitted fused
+score are used. `predictions_verified.csv` and the `verified` block of `metrics.json` hold the
+result beside the global-only figures.
 """
 
 from __future__ import annotations
@@ -69,6 +77,8 @@ class EvalConfig:
     index: str | None = None  # a published index: evaluate the production search path on it
     precision: str = "auto"  # compute precision (rdcd.models.runtime): int8 onnxruntime on CPU
     backend: str = "auto"  # `torch` keeps a student in PyTorch (the baseline benchmarks compare)
+    verify: bool = False  # also verify the candidates with local features (fused score)
+    local_recall: bool = True  # with verify: add the references local recall votes for
 
 
 @dataclass(frozen=True)
@@ -162,6 +172,8 @@ class _Searched:
     references: int
     background: int
     search_seconds: float
+    verified: list[Match] | None = None
+    verify_info: dict | None = None
 
 
 def _search_flat(cfg: EvalConfig, layout: DiscLayout, run, queries: EmbeddedSet) -> _Searched:
@@ -189,7 +201,26 @@ def _search_flat(cfg: EvalConfig, layout: DiscLayout, run, queries: EmbeddedSet)
     sn = _predictions(q_ids, r_ids, found.indices, found.scores) if normalizer else None
     embedded = [refs] + ([background] if background is not None else [])
     n_bg = len(background.uris) if background else 0
-    return _Searched(raw, sn, embedded, len(refs.uris), n_bg, seconds)
+    out = _Searched(raw, sn, embedded, len(refs.uris), n_bg, seconds)
+    if cfg.verify:
+        from rdcd.index import InMemoryLocal
+        from rdcd.local import LocalConfig
+
+        lcfg = LocalConfig()
+        t0 = time.perf_counter()
+        ref_feats = _local_features(refs.uris, lcfg, cfg.workers)
+        local = InMemoryLocal(ref_feats, lcfg, recall=cfg.local_recall)
+        prep = time.perf_counter() - t0
+        out.verified, out.verify_info = _verify_all(
+            cfg, local, queries, q_ids, found.indices, found.raw_scores,
+            lambda j: r_ids[j],
+        )  # fmt: skip
+        out.verify_info.update(
+            reference_features_seconds=round(prep, 3),
+            fused="default",
+            references_with_features=len(ref_feats),
+        )
+    return out
 
 
 def _search_index(cfg: EvalConfig, model, queries: EmbeddedSet, index) -> _Searched:
@@ -203,7 +234,85 @@ def _search_index(cfg: EvalConfig, model, queries: EmbeddedSet, index) -> _Searc
     sn = to_predictions(q_ids, found, name=name) if index.normalizer is not None else None
     seconds = time.perf_counter() - t_search
     n_bg = len(index.normalizer.background) if index.normalizer is not None else 0
-    return _Searched(raw, sn, [], index.ntotal, n_bg, seconds)
+    out = _Searched(raw, sn, [], index.ntotal, n_bg, seconds)
+    if cfg.verify:
+        from rdcd.index import LocalData
+
+        local = LocalData(index.info["root"], index.info["manifest"])
+        uri_of = dict(zip(found.ids.reshape(-1).tolist(),
+                          [u for row in found.uris for u in row], strict=True))  # fmt: skip
+
+        def ref_name(rid: int) -> str:
+            uri = uri_of.get(rid) or local.uri_of([rid]).get(rid)
+            return name(rid, uri)
+
+        out.verified, out.verify_info = _verify_all(
+            cfg, local, queries, q_ids, found.ids, found.raw_scores, ref_name,
+            local.has_recall and cfg.local_recall,
+        )  # fmt: skip
+        out.verify_info.update(fused="index", fused_fit=local.section["fused_fit"].get("how"))
+    return out
+
+
+def _local_features(uris: list[str], cfg, workers: int) -> dict[int, object]:
+    """`{position: stored-form LocalFeatures}` of `uris`, extracted in threads; files that fail
+    are left out (they verify with zero inliers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rdcd.decode import DecodeError
+    from rdcd.index import stored_form
+    from rdcd.local import extract_uri
+
+    def one(uri: str):
+        try:
+            return stored_form(extract_uri(uri, cfg))
+        except (DecodeError, rio.StorageError) as exc:
+            log.warning("no local features for %s: %s", uri, exc)
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        feats = list(pool.map(one, uris))
+    return {i: f for i, f in enumerate(feats) if f is not None}
+
+
+def _verify_all(
+    cfg: EvalConfig,
+    local,
+    queries: EmbeddedSet,
+    q_ids: list[str],
+    ids: np.ndarray,
+    raw: np.ndarray,
+    ref_name,
+    recall: bool | None = None,
+) -> tuple[list[Match], dict]:
+    """Verified predictions of every query (`rdcd.index.verify_row`) and what it cost."""
+    from rdcd.index import verify_row
+
+    recall = cfg.local_recall if recall is None else recall
+    t0 = time.perf_counter()
+    q_feats = _local_features(queries.uris, local.config, cfg.workers)
+    t_extract = time.perf_counter()
+    out: list[Match] = []
+    n_recalled = 0
+    for row, qid in enumerate(q_ids):
+        query = q_feats.get(row)
+        if query is None:
+            from rdcd.local import LocalFeatures
+
+            query = LocalFeatures.empty(1, 1)
+        verified = verify_row(local, query, ids[row], raw[row], cfg.k, recall)
+        proposed = {int(i) for i in ids[row].tolist() if i >= 0}
+        n_recalled += sum(1 for c in verified if c.id not in proposed)
+        out += [Match(qid, ref_name(int(c.id)), float(c.score)) for c in verified]
+    n = max(1, len(q_ids))
+    info = {
+        "local_recall": bool(recall and local.has_recall),
+        "query_features_ms": round(1000 * (t_extract - t0) / n, 2),
+        "verify_ms_per_query": round(1000 * (time.perf_counter() - t_extract) / n, 2),
+        "recalled_candidates": n_recalled,
+        "min_inliers": local.config.min_inliers,
+    }
+    return out, info
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -216,9 +325,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     query_files = _list_images(layout.queries, "queries")
     index = None
     if cfg.index:
-        from rdcd.index import load_index
+        from rdcd.index import LocalData, load_index, read_manifest
 
         index = load_index(cfg.index)
+        manifest = read_manifest(cfg.index, index.version)
+        index.info.update(root=rio.canonical(cfg.index), manifest=manifest)
+        if cfg.verify:  # refused before embedding anything
+            LocalData(rio.canonical(cfg.index), manifest)
     model = load_model(cfg.model, teacher=cfg.teacher, precision=cfg.precision,
                        backend=cfg.backend)  # fmt: skip
     if index is not None:  # refuse before embedding anything
@@ -251,6 +364,16 @@ def evaluate(cfg: EvalConfig) -> dict:
         "threshold_at_p90": metrics["threshold_at_p90"],
         "recall_at_1": metrics["recall_at_1"],
     }
+    if found.verified is not None:
+        write_predictions(rio.join(cfg.out, "predictions_verified.csv"), found.verified)
+        ver = evaluate_predictions(found.verified, gt)
+        result["verified"] = {
+            "uap": ver["uap"],
+            "recall_at_p90": ver["recall_at_p90"],
+            "threshold_at_p90": ver["threshold_at_p90"],
+            "recall_at_1": ver["recall_at_1"],
+            **(found.verify_info or {}),
+        }
     if found.normalised is not None:
         write_predictions(rio.join(cfg.out, "predictions_sn.csv"), found.normalised)
         sn = evaluate_predictions(found.normalised, gt)
@@ -285,6 +408,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         errors=[{"uri": u, "error": e} for u, e in sorted(errors.items())],
     )
     if index is not None:
-        result["index"] = {"root": cfg.index, "version": index.version, **index.info}
+        info = {k: v for k, v in index.info.items() if k not in ("manifest", "root")}
+        result["index"] = {"root": cfg.index, "version": index.version, **info}
     rio.write_text(rio.join(cfg.out, "metrics.json"), json.dumps(result, indent=2))
     return result

@@ -1404,6 +1404,38 @@ class LocalData:
         return {int(i): self._uris[int(i)] for i in ids if int(i) in self._uris}
 
 
+class InMemoryLocal:
+    """`LocalData`'s interface over features held in memory (`rdcd evaluate --verify` without an
+    index: the references' features are extracted on the fly), with an optional in-memory
+    local-recall index and the default fused score."""
+
+    def __init__(self, features: dict[int, Any], config: Any, fused: Any = None,
+                 recall: bool = True) -> None:  # fmt: skip
+        from rdcd.local import FusedScore, LocalIndex
+
+        self.config, self.fused = config, fused or FusedScore.DEFAULT
+        self._features, self._dead = features, set()
+        self._recall = None
+        if recall and any(len(f) for f in features.values()):
+            self._recall = LocalIndex.build(sorted(features.items()), factory="auto",
+                                            per_reference=LOCAL_RECALL_PER_REFERENCE)  # fmt: skip
+
+    @property
+    def has_recall(self) -> bool:
+        return self._recall is not None
+
+    def features_of(self, ids: Any) -> dict[int, Any]:
+        return {int(i): self._features[int(i)] for i in ids if int(i) in self._features}
+
+    def vote(self, query: Any, top: int = 10) -> list[tuple[int, int]]:
+        if self._recall is None:
+            return []
+        return self._recall.vote(query, top=top, flips=self.config.flips)
+
+    def uri_of(self, ids: Any) -> dict[int, str]:
+        return {}
+
+
 def load_local(root: str, version: int | None = None) -> LocalData:
     """The local data of a published version (default: the one CURRENT names)."""
     root = rio.canonical(root)
@@ -1481,6 +1513,7 @@ __all__ = [
     "IndexConfig",
     "IndexStoreError",
     "FactoryChoice",
+    "InMemoryLocal",
     "LocalData",
     "LocalUnavailableError",
     "load_local",
