@@ -66,7 +66,10 @@ class TailConfig:
     cache_dir: str | None = None  # default <out>/cache
     steps: int = 3000
     batch_size: int = 64
-    lr: float = 3e-4
+    lr: float = 3e-4  # AdamW, for the trained blocks and conv_head
+    # ... times this for `project` and `head`: their closed-form fits have tiny entries (~1e-3),
+    # which Adam's per-weight steps of ~lr would overwrite within a few steps
+    head_lr_scale: float = 0.01
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     w_feat: float = 1.0
@@ -218,7 +221,11 @@ def train_tail(
             fit_project(net, cache, cfg)
         net = fit_head(net, cache, cfg, cfg.dim)  # start the head where the loss wants it
     params = _trainable(net, cfg.from_block)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    heads = {id(p) for p in (*net.project.parameters(), *net.head.parameters())}
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if id(p) not in heads], "scale": 1.0},
+         {"params": [p for p in params if id(p) in heads], "scale": cfg.head_lr_scale}],
+        lr=cfg.lr, weight_decay=cfg.weight_decay)  # fmt: skip
     ema = copy.deepcopy(net)
     step0 = 0
     if rio.exists(_state_uri(cfg)):
@@ -237,7 +244,7 @@ def train_tail(
         warm = min(1.0, step / max(1, cfg.warmup_steps))
         lr = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["scale"]
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.choice(n, cfg.batch_size, replace=n < cfg.batch_size)
         view = rng.integers(0, v, cfg.batch_size)
