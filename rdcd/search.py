@@ -12,10 +12,13 @@ for all queries, which is what a global metric such as µAP (and a production th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
+
+from rdcd.local import FusedScore, LocalConfig, LocalFeatures, Verification, verify
 
 log = logging.getLogger(__name__)
 
@@ -265,3 +268,94 @@ class ShardedIndex:
                 if uri is not None and ids[i] >= 0:
                     out[i] = uri
         return out
+
+
+# ---- local verification (global + local, the ISC2021 matching-track design) -----------------
+
+
+@dataclass(frozen=True)
+class VerifiedCandidate:
+    """One candidate reference of a query after local verification."""
+
+    id: int
+    global_score: float  # the global (possibly score-normalised) similarity it was proposed with
+    inliers: int
+    score: float  # FusedScore of (global_score, inliers): higher = more similar, in (0, 1)
+    verification: Verification
+    votes: int = 0  # local-recall votes (0: proposed by the global search only)
+
+    def to_dict(self) -> dict:
+        return {"reference_id": int(self.id), "score": float(self.score),
+                "global_score": float(self.global_score), "votes": int(self.votes),
+                **self.verification.to_dict()}  # fmt: skip
+
+
+def verify_candidates(
+    query: LocalFeatures,
+    candidates: Sequence[int],
+    global_scores: Sequence[float],
+    features_of: Callable[[Sequence[int]], dict[int, LocalFeatures]],
+    fused: FusedScore,
+    cfg: LocalConfig,
+    votes: dict[int, int] | None = None,
+) -> list[VerifiedCandidate]:
+    """Verify each candidate (ids < 0 are padding and skipped, a repeated id keeps its first,
+    best-ranked global score) and rescore it with `fused`; sorted by fused score, best first,
+    ties by global score then id, so every query path orders results the same way.
+
+    `features_of(ids)` returns the stored local features of those references; a reference it
+    does not return (features never extracted, an image that failed) is kept with zero inliers:
+    verification can only add evidence, so a missing feature set falls back to the global score
+    alone."""
+    if len(candidates) != len(global_scores):
+        raise ValueError(f"{len(candidates)} candidates but {len(global_scores)} global scores")
+    seen: dict[int, float] = {}
+    for rid, g in zip(candidates, global_scores, strict=True):
+        rid = int(rid)
+        if rid >= 0 and rid not in seen and np.isfinite(g):
+            seen[rid] = float(g)
+    if not seen:
+        return []
+    ids = list(seen)
+    feats = features_of(ids)
+    missing = [r for r in ids if r not in feats]
+    if missing:
+        log.warning("no local features for %d of %d candidates (e.g. %s): global score only",
+                    len(missing), len(ids), missing[:3])  # fmt: skip
+    checks = [verify(query, feats[r], cfg) if r in feats else Verification.none() for r in ids]
+    inl = np.array([v.inliers for v in checks], np.float64)
+    scores = fused(np.array([seen[r] for r in ids]), inl)
+    out = [
+        VerifiedCandidate(r, seen[r], v.inliers, float(s), v, int((votes or {}).get(r, 0)))
+        for r, v, s in zip(ids, checks, scores.tolist(), strict=True)
+    ]
+    out.sort(key=lambda c: (-c.score, -c.global_score, c.id))
+    return out
+
+
+def local_recall(
+    global_ids: Sequence[int],
+    global_scores: Sequence[float],
+    voted: Sequence[tuple[int, int]],
+    score_of: Callable[[Sequence[int]], dict[int, float]] | None = None,
+    floor: float | None = None,
+) -> tuple[list[int], list[float], dict[int, int]]:
+    """The global candidates plus the references local recall voted for, as (ids, global scores,
+    votes by id) ready for `verify_candidates`.
+
+    A voted reference outside the global top-k has no global score. `score_of(ids)` supplies one
+    when the caller can (the query's cosine to the stored descriptors of those references);
+    otherwise it gets `floor`, by default the lowest global score of the candidates: a reference
+    missing from the top-k scores at most that, so the bound keeps its global evidence no better
+    than the weakest candidate's, and only its inliers can lift it."""
+    ids = [int(i) for i in global_ids]
+    scores = [float(s) for s in global_scores]
+    have = {i for i in ids if i >= 0}
+    extra = [int(r) for r, _ in voted if int(r) not in have]
+    finite = [s for i, s in zip(ids, scores, strict=True) if i >= 0 and np.isfinite(s)]
+    bound = floor if floor is not None else (min(finite) if finite else 0.0)
+    known = score_of(extra) if (score_of is not None and extra) else {}
+    for r in extra:
+        ids.append(r)
+        scores.append(float(known.get(r, bound)))
+    return ids, scores, {int(r): int(v) for r, v in voted}
