@@ -246,6 +246,11 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
         help="the reduced setting (10 photos, 3 steps, no teacher): about a minute",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="global descriptors only: no local features, verification or recall",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -264,6 +269,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg = replace(cfg, compare_teacher=False)
     if args.no_progress:
         cfg = replace(cfg, progress=False)
+    if args.no_verify:
+        cfg = replace(cfg, verify=False)
     print(f"rdcd demo: data -> fine-tune -> choose -> embed -> index -> serve -> evaluate -> "
           f"report, under {os.path.abspath(cfg.out)}", flush=True)  # fmt: skip
 

@@ -6,14 +6,20 @@
                  `rdcd train --local`), on the references and the background, never the queries
     3 choose     the starting student and the fine-tuned one are evaluated on the set (exact
                  search); the better one is served, and the report shows both
-    4 embed      Ray Data bulk embedding of the references into Parquet parts (the small
-                 background set is embedded in this process into a run of the same format)
-    5 index      a sharded, versioned FAISS index of the references, with score normalisation
-    6 serve      the Ray Serve app on a local port; every query is sent over real HTTP
-    7 evaluate   DISC2021 metrics through the index (`rdcd evaluate --index`), checked against
-                 the HTTP answers and the exact search
+    4 embed      Ray Data bulk embedding of the references into Parquet parts, with their
+                 local features (the small background set is embedded in this process into a
+                 run of the same format)
+    5 index      a sharded, versioned FAISS index of the references, with score normalisation,
+                 the references' local features, a local-recall index and a fused score
+    6 serve      the Ray Serve app on a local port; every query is sent over real HTTP, with
+                 local verification (`verify=true`)
+    7 evaluate   DISC2021 metrics through the index (`rdcd evaluate --index --verify`), global
+                 and verified, checked against the HTTP answers and the exact search
     8 report     `report/report.html` with the precision-recall curve, a gallery of queries and
-                 their matches (mistakes first) and the training curves
+                 their matches (mistakes first, the inlier matches drawn between the two images)
+                 and the training curves
+
+`verify=False` (`rdcd demo --no-verify`) runs the global-only pipeline.
 
 The fine-tune is a demonstration of the training stage, sized for a CPU minute: the default
 student's heads were fitted in closed form with a whitening step that makes SGD on them very
@@ -106,6 +112,8 @@ class DemoConfig:
     threshold: float | None = None  # None: Serve's default for the index
     port: int | None = None  # None: a free port (when the demo starts Serve)
     http_workers: int = 4
+    verify: bool = True  # local features, verification and local recall on every query
+    fused_fit_sample: int = 32  # synthetic copies the index fits its fused score on
     progress: bool = True
 
     @classmethod
@@ -363,7 +371,8 @@ def embed_background(folder: str, out: str, spec: str, cfg: DemoConfig) -> int:
 
 def _evaluate(cfg: DemoConfig, data: str, spec: str, out: str, index: str | None = None) -> dict:
     return evaluate(EvalConfig(disc_root=data, model=spec, teacher=cfg.teacher, out=out, k=cfg.k,
-                               progress=cfg.progress, index=index))  # fmt: skip
+                               progress=cfg.progress, index=index,
+                               verify=cfg.verify and index is not None))  # fmt: skip
 
 
 def _key(m: dict) -> tuple[float, float, float]:
@@ -463,15 +472,17 @@ def serve_app(index: str, model: str, cfg: DemoConfig) -> Iterator[str]:
 
 
 def query_over_http(url: str, files: list[str], k: int, workers: int,
-                    progress: bool) -> list[dict[str, Any]]:  # fmt: skip
-    """POST every file to `/v1/match` (raw bytes, `workers` at a time); one record per file with
-    the HTTP status, the answer and the round-trip time."""
+                    progress: bool, verify: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """POST every file to `/v1/match` (raw bytes, `workers` at a time; `verify=true` with
+    `verify`); one record per file with the HTTP status, the answer and the round-trip time."""
     from tqdm.auto import tqdm
+
+    params = f"k={k}" + ("&verify=true" if verify else "")
 
     def ask(path: str) -> dict[str, Any]:
         data = rio.read_bytes(path)
         t0 = time.perf_counter()
-        status, body = _http("POST", f"{url}/v1/match?k={k}", data)
+        status, body = _http("POST", f"{url}/v1/match?{params}", data)
         ms = 1000 * (time.perf_counter() - t0)
         return {"query_id": rio.stem(path), "uri": path, "status": status, "ms": round(ms, 2),
                 "answer": body}  # fmt: skip
@@ -486,8 +497,10 @@ def query_over_http(url: str, files: list[str], k: int, workers: int,
     return out
 
 
-def gallery_items(records: list[dict[str, Any]], data: str) -> list[Any]:
-    """What each HTTP answer means against the ground truth."""
+def gallery_items(records: list[dict[str, Any]], data: str, local: Any = None) -> list[Any]:
+    """What each HTTP answer means against the ground truth. With `local` (the index's
+    `LocalData`), the inlier matches of each verified best match are recomputed for drawing:
+    the same features and code as the answer, so the lines are the inliers it counted."""
     from rdcd.report import GalleryItem
 
     gt = read_ground_truth(rio.join(data, "ground_truth.csv"))
@@ -506,8 +519,32 @@ def gallery_items(records: list[dict[str, Any]], data: str) -> list[Any]:
             item.match_id = rio.stem(top["uri"]) if top["uri"] else str(top["reference_id"])
             item.score, item.raw_score = top["score"], top["raw_score"]
             item.is_copy = bool(answer["is_copy"])
+            if "inliers" in top:
+                item.inliers = int(top["inliers"])
+                region = top.get("region") or {}
+                item.query_region, item.reference_region = (
+                    region.get("query"),
+                    region.get("reference"),
+                )
+                if local is not None and item.inliers:
+                    item.pairs = _inlier_pairs(local, r["uri"], int(top["reference_id"]))
         items.append(item)
     return items
+
+
+def _inlier_pairs(local: Any, query_uri: str, reference_id: int) -> Any:
+    """(qx, qy, rx, ry) of the inliers of a query against one reference, for the gallery."""
+    from rdcd.index import stored_form
+    from rdcd.local import extract_uri, verify
+
+    ref = local.features_of([reference_id]).get(reference_id)
+    if ref is None:
+        return None
+    try:
+        query = stored_form(extract_uri(query_uri, local.config))
+    except (DecodeError, rio.StorageError):
+        return None
+    return verify(query, ref, local.config).pairs
 
 
 def agreement(records: list[dict[str, Any]], predictions: list, tolerance: float = 1e-4) -> int:
@@ -616,7 +653,8 @@ def run_demo(cfg: DemoConfig, on_stage: Stage | None = None) -> dict[str, Any]:
             shard = max(1, math.ceil(counts["references"] / cfg.shards))
             job = EmbedJobConfig(images=os.path.join(data, "references"), out=emb_refs,
                                  model=served_spec, teacher=cfg.teacher, shard_size=shard,
-                                 batch_size=8, progress=cfg.progress)  # fmt: skip
+                                 batch_size=8, local_features=cfg.verify,
+                                 progress=cfg.progress)  # fmt: skip
             run = run_embed_job(job)
             n_bg = embed_background(os.path.join(data, "train"), emb_bg, served_spec, cfg)
             note["what"] = (f"Ray Data: {run['counts']['embedded']} references in "
@@ -625,14 +663,20 @@ def run_demo(cfg: DemoConfig, on_stage: Stage | None = None) -> dict[str, Any]:
         with clock.stage("index") as note:
             manifest = build_index(IndexConfig(embeddings=emb_refs, out=index_root,
                                                shards=cfg.shards, background=emb_bg,
-                                               task_cpus=0.5))  # fmt: skip
+                                               task_cpus=0.5,
+                                               fused_fit_sample=cfg.fused_fit_sample))  # fmt: skip
             note["what"] = (f"{manifest['factory']} v{manifest['version']}: {manifest['ntotal']} "
                             f"vectors in {len(manifest['shards'])} shards")  # fmt: skip
+            if manifest.get("local"):
+                loc = manifest["local"]
+                note["what"] += (f"; local features of {loc['sizes']['references']} references, "
+                                 f"fused score {loc['fused_fit']['how']}")  # fmt: skip
         with clock.stage("serve") as note:
             queries = _images_in(os.path.join(data, "queries"))
             with serve_app(index_root, served_spec, cfg) as url:
                 t_ready = time.perf_counter()
-                records = query_over_http(url, queries, cfg.k, cfg.http_workers, cfg.progress)
+                records = query_over_http(url, queries, cfg.k, cfg.http_workers, cfg.progress,
+                                          cfg.verify)  # fmt: skip
                 t_done = time.perf_counter()
                 info = _http("GET", f"{url}/v1/index")[1]
             note["what"] = (f"{len(records)} queries over HTTP to {url}/v1/match in "
@@ -640,6 +684,8 @@ def run_demo(cfg: DemoConfig, on_stage: Stage | None = None) -> dict[str, Any]:
     ok = [r for r in records if r["status"] == 200]
     latencies = sorted(r["ms"] for r in ok)
     threshold = float(info.get("threshold", cfg.threshold or 0.0))
+    if cfg.verify and ok:  # the fused score's threshold, as the answers report it
+        threshold = float(ok[0]["answer"]["threshold"])
     result["http"] = {
         "url": url,
         "queries": len(records),
@@ -655,16 +701,25 @@ def run_demo(cfg: DemoConfig, on_stage: Stage | None = None) -> dict[str, Any]:
     with clock.stage("evaluate") as note:
         ev = _evaluate(cfg, data, served_spec, os.path.join(out, "eval"), index=index_root)
         preds_file = "predictions_sn.csv" if ev.get("uap_sn") is not None else "predictions.csv"
+        if ev.get("verified"):
+            preds_file = "predictions_verified.csv"
         predictions = read_predictions(os.path.join(out, "eval", preds_file))
         same = agreement(records, predictions)
         flat = evals[served]
         note["what"] = (f"through the index: µAP {ev['uap']:.4f}, score-normalised "
                         f"{_fmt(ev.get('uap_sn'))}; HTTP equals offline for {same}/{len(ok)} "
                         "queries")  # fmt: skip
+        if ev.get("verified"):
+            note["what"] += f"; verified µAP {ev['verified']['uap']:.4f}"
     result["evaluation"] = ev
     result["http"]["agree_with_offline"] = same
     result["flat_evaluations"] = {name: _brief(m) for name, m in evals.items()}
-    items = gallery_items(records, data)
+    local = None
+    if cfg.verify and manifest.get("local"):
+        from rdcd.index import load_local
+
+        local = load_local(index_root)
+    items = gallery_items(records, data, local)
     outcome: dict[str, int] = {}
     for item in items:
         outcome[item.status] = outcome.get(item.status, 0) + 1
@@ -710,11 +765,21 @@ def headline(result: dict[str, Any]) -> str:
 def report_metrics(result: dict[str, Any]) -> dict[str, Any]:
     """The figures the demo prints, in the order it prints them (also the report's table)."""
     ev, http = result["evaluation"], result["http"]
+    verified = ev.get("verified") or {}
     return {
         "µAP": ev["uap"],
         "µAP (score-normalised)": ev.get("uap_sn"),
         "recall at precision 0.9": ev.get("recall_at_p90_sn", ev["recall_at_p90"]),
         "recall@1": ev["recall_at_1"],
+        **(
+            {
+                "µAP with verification": verified["uap"],
+                "recall at precision 0.9, verified": verified["recall_at_p90"],
+                "recall@1, verified": verified["recall_at_1"],
+            }
+            if verified
+            else {}
+        ),
         "copies found over HTTP": f"{result['outcome'].get('found', 0)} of "
         f"{result['demo_set']['copies']}",
         "false positives over HTTP": result["outcome"].get("false positive", 0)
@@ -767,6 +832,15 @@ def _write_report(cfg: DemoConfig, result: dict[str, Any], items: list, predicti
         f"with exact search {_fmt(flat.get('uap_sn'))}; µAP {_fmt(ev['uap'])} and "
         f"{_fmt(flat['uap'])}.",
     ]
+    if ev.get("verified"):
+        v = ev["verified"]
+        notes.append(
+            f"Local verification: every query's top {cfg.k} plus the references its keypoints "
+            "vote for (local recall) are matched with RootSIFT (ratio test, then a MAGSAC "
+            "homography), and ranked by the index's fused score of the cosine and the inlier "
+            f"count: µAP {_fmt(v['uap'])} against {_fmt(ev['uap'])} global-only, "
+            f"{v['verify_ms_per_query']} ms per query to verify. The gallery draws the inliers."
+        )
     n = result["demo_set"]
     facts = [
         ("photos", cfg.images or "bundled with scikit-image and matplotlib"),
@@ -786,7 +860,7 @@ def _write_report(cfg: DemoConfig, result: dict[str, Any], items: list, predicti
         predictions=predictions,
         ground_truth=read_ground_truth(os.path.join(data, "ground_truth.csv")),
         threshold=result["http"]["threshold"],
-        threshold_label="Serve's threshold",
+        threshold_label="the fused score's threshold" if cfg.verify else "Serve's threshold",
         gallery=items,
         models=models,
         stages=stages,

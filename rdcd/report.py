@@ -7,7 +7,9 @@ timings, every query's answer, the training history) into `report.html` plus:
                            with the operating threshold (the one Serve flags copies with) marked
     scores.png             best score of each query: copies against unrelated photos, threshold
     gallery-N.png          queries beside the reference they matched, with scores; misses, wrong
-                           matches and false positives first, each card framed in its colour
+                           matches and false positives first, each card framed in its colour;
+                           with local verification, the inlier matches drawn as lines between
+                           the two images and the matched regions as boxes
     training.png           the fine-tune's loss terms and teacher agreement per step
 
 The page is static: no scripts, no remote resources, images by relative path, so the folder can
@@ -59,6 +61,10 @@ class GalleryItem:
     raw_score: float | None = None
     is_copy: bool = False
     error: str | None = None  # the query could not be answered (e.g. not an image)
+    inliers: int | None = None  # local verification: geometric inliers of the best match
+    pairs: Any = None  # float [n, 4]: query x, y, reference x, y of the inliers (original px)
+    query_region: Sequence[float] | None = None  # x0, y0, x1, y1 in query pixels
+    reference_region: Sequence[float] | None = None  # the same in reference pixels
 
     @property
     def status(self) -> str:
@@ -196,6 +202,13 @@ def plot_training(history: Sequence[dict[str, float]], path: str) -> None:
 
 
 def _thumb(uri: str | None) -> np.ndarray | None:
+    got = _thumb_scaled(uri)
+    return None if got is None else got[0]
+
+
+def _thumb_scaled(uri: str | None) -> tuple[np.ndarray, float] | None:
+    """A thumbnail and its scale from the original (EXIF-transposed) pixels, so keypoints in
+    original pixels can be drawn on it."""
     if not uri:
         return None
     from PIL import Image
@@ -208,8 +221,32 @@ def _thumb(uri: str | None) -> np.ndarray | None:
     except (DecodeError, rio.StorageError, OSError) as exc:
         log.warning("report: no thumbnail of %s: %s", uri, exc)
         return None
+    width = img.size[0]
     img.thumbnail((THUMB, THUMB), Image.Resampling.BILINEAR)
-    return np.asarray(img.convert("RGB"))
+    return np.asarray(img.convert("RGB")), img.size[0] / max(1, width)
+
+
+MAX_LINES = 40  # inlier matches drawn per card (a random but fixed subset of them)
+
+
+def _draw_matches(fig, axes: list, scales: list[float], item: GalleryItem) -> None:
+    """Lines from the query panel to the match panel between inlier keypoints, and the matched
+    region of each image as a box."""
+    from matplotlib.patches import ConnectionPatch, Rectangle
+
+    (qa, ra), (qs, rs) = axes, scales
+    for ax, box, s in ((qa, item.query_region, qs), (ra, item.reference_region, rs)):
+        if box is not None:
+            x0, y0, x1, y1 = (float(v) * s for v in box)
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5,
+                                   edgecolor="#ffeb3b"))  # fmt: skip
+    pairs = np.asarray(item.pairs if item.pairs is not None else np.zeros((0, 4)), np.float64)
+    if len(pairs) > MAX_LINES:
+        pairs = pairs[np.random.default_rng(0).choice(len(pairs), MAX_LINES, replace=False)]
+    for qx, qy, rx, ry in pairs:
+        fig.add_artist(ConnectionPatch(xyA=(qx * qs, qy * qs), coordsA=qa.transData,
+                                       xyB=(rx * rs, ry * rs), coordsB=ra.transData,
+                                       color="#00e5ff", lw=0.6, alpha=0.7))  # fmt: skip
 
 
 def gallery_order(items: Sequence[GalleryItem], limit: int = GALLERY_MAX) -> list[GalleryItem]:
@@ -249,6 +286,8 @@ def plot_gallery(items: Sequence[GalleryItem], path: str, title: str = "") -> No
             sub = f"best {item.match_id}  score {item.score:.3f}"
             if item.raw_score is not None:
                 sub += f"  (cosine {item.raw_score:.3f})"
+            if item.inliers is not None:
+                sub += f"  {item.inliers} inliers"
         else:
             sub = "no match"
         fig.text((x0 + pad) / width, (y0 + card_h - 0.2) / height, head_text, color=colour,
@@ -262,17 +301,24 @@ def plot_gallery(items: Sequence[GalleryItem], path: str, title: str = "") -> No
             (item.expected_uri if show_expected else None,
              f"true reference {item.expected_id}" if show_expected else ""),
         ]  # fmt: skip
+        drawn: list = []
         for p, (uri, caption) in enumerate(panels):
             px = x0 + pad + p * (panel + gap)
             ax = fig.add_axes(((px / width), (y0 + foot) / height, panel / width, panel / height))
             ax.set_axis_off()
-            pixels = _thumb(uri)
-            if pixels is not None:
-                ax.imshow(pixels)
+            got = _thumb_scaled(uri)
+            if got is not None:
+                ax.imshow(got[0])
                 ax.set_aspect("equal")
+                drawn.append((ax, got[1]))
+            else:
+                drawn.append(None)
             if caption:
                 ax.text(0.5, -0.04, caption, transform=ax.transAxes, ha="center", va="top",
                         fontsize=8)  # fmt: skip
+        if item.inliers and drawn[0] is not None and drawn[1] is not None:
+            (qa, qs), (ra, rs) = drawn[0], drawn[1]
+            _draw_matches(fig, [qa, ra], [qs, rs], item)
     fig.savefig(path)
 
 

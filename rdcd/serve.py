@@ -938,6 +938,8 @@ class Ingress:
             raise ServeError(int(embedded[0]["status"]), str(embedded[0]["error"]))
         good = [i for i, e in enumerate(embedded) if "vector" in e]
         fingerprint = embedded[good[0]]["fingerprint"] if good else ""
+        if threshold is None and verify is not None:  # the fused score's own threshold
+            threshold = float(version.local.fused.threshold)  # type: ignore[union-attr]
         if threshold is None:
             threshold = self._default_threshold(version)
         results: list[dict[str, Any]] = [
@@ -951,8 +953,6 @@ class Ingress:
             t_search = time.perf_counter()
             found = version.finisher.finish(queries, raw, ids, tuple(missing))
             if verify is not None:
-                if threshold is None:
-                    threshold = float(version.local.fused.threshold)  # type: ignore[union-attr]
                 verified = await asyncio.to_thread(
                     self._verify, version, [extracted[i] for i in good], found, uris,
                     k, verify[0], threshold,

@@ -120,6 +120,7 @@ def test_match_verify_equals_http(world, tmp_path):
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["verified"] and body["score"] == "fused"
+        assert body["threshold"] == world["manifest"]["local"]["fused"]["threshold"]
         served, offline = body["matches"], by_query[qid]
         assert [m["reference_id"] for m in served] == [r["reference_id"] for r in offline], qid
         assert [m["inliers"] for m in served] == [r["inliers"] for r in offline], qid
