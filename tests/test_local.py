@@ -44,6 +44,18 @@ from rdcd.search import local_recall, verify_candidates
 CFG = LocalConfig()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread():
+    """FAISS's OpenMP threads spin against whatever else shares the CPU (k-means training of the
+    recall index ran 5x slower with 2 threads than with 1 on the shared 2-core machine)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 class FeatureCache:
     """Features of shared-data files, extracted once per module (extraction dominates)."""
 
@@ -81,9 +93,7 @@ def _pair(real_pairs: list[dict], transform: str) -> dict:
 # ---- verification on real pairs ---------------------------------------------------------------
 
 
-def test_verification_separates_real_copies_from_hard_negatives(
-    feats, real_pairs, hard_negatives
-):
+def test_verification_separates_real_copies_from_hard_negatives(feats, real_pairs, hard_negatives):
     copies = np.array([verify(feats(p["copy"]), feats(p["original"])).inliers for p in real_pairs])
     negs = {
         n["image_a"] + "|" + n["image_b"]: (
@@ -362,5 +372,5 @@ def test_verification_to_dict_is_json_ready():
 
     v = Verification(14, 30, "flip+rot90", (1.0, 2.0, 3.0, 4.0), (5.0, 6.0, 7.5, 8.25))
     d = json.loads(json.dumps(v.to_dict()))
-    assert d == {"inliers": 14, "matches": 30, "transform": "flip+rot90",
-                 "region": {"query": [1.0, 2.0, 3.0, 4.0], "reference": [5.0, 6.0, 7.5, 8.2]}}  # fmt: skip
+    region = {"query": [1.0, 2.0, 3.0, 4.0], "reference": [5.0, 6.0, 7.5, 8.2]}
+    assert d == {"inliers": 14, "matches": 30, "transform": "flip+rot90", "region": region}
