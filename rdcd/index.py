@@ -78,6 +78,7 @@ LOCAL_DIR = "local"
 LOCAL_RECALL_PER_REFERENCE = 256  # descriptors of each reference in the recall index
 FUSED_FIT_SAMPLE = 64  # references the build edits into synthetic copies to fit the fused score
 FUSED_FIT_MIN = 8  # below this many references the documented default is used
+FUSED_FIT_CANDIDATES = 5  # global candidates of each synthetic copy the fit verifies
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
@@ -1196,10 +1197,12 @@ def _fit_fused(
 ) -> tuple[dict[str, float], dict[str, Any]]:  # fmt: skip
     """Fit `FusedScore` on a labelled sample made here: `sample` references (seeded) are edited
     into synthetic copies (`rdcd.edits.random_copy`, hard mix: crops, overlays, rotations,
-    flips), embedded with the run's model and matched against their original (label 1), against
-    the reference the global descriptor ranks nearest after it (label 0, the hardest negative
-    at hand) and against a random other reference (label 0). Returns the fitted score and what
-    it was fitted on; `FusedScore.DEFAULT` with the reason when that cannot be done."""
+    flips), embedded with the run's model and verified against what a query meets: its global
+    top `FUSED_FIT_CANDIDATES` references (label 0, but 1 for the original) and its original
+    wherever that ranks (label 1). Only the hardest negative per copy was tried first: it has a
+    higher cosine than many hard copies by construction, and the fit then gave the cosine no
+    weight at all. Returns the fitted score and what it was fitted on; `FusedScore.DEFAULT`
+    with the reason when that cannot be done."""
     import random
 
     from rdcd.decode import decode_image
@@ -1246,17 +1249,16 @@ def _fit_fused(
         from rdcd.decode import resize_square
 
         q = model.embed(resize_square(copy.convert("RGB"), model.image_size)[None])[0]
-        qf = extract(copy, cfg)
+        qf = stored_form(extract(copy, cfg))
         sims = vectors @ q
-        sims_other = sims.copy()
-        sims_other[i] = -np.inf
-        hard = int(np.argmax(sims_other))
-        rand = rng.choice([j for j in have if j != i]) if len(have) > 1 else hard
-        for j, label in ((i, 1), (hard, 0), (rand, 0)):
+        # what a query meets: its global top candidates, labelled by whether they are its
+        # original, plus the original wherever it ranks (a copy the global descriptor misses)
+        top = [int(j) for j in np.argsort(-sims, kind="stable")[:FUSED_FIT_CANDIDATES]]
+        for j in dict.fromkeys([i, *top]):
             other = refs.get(int(emb.ids[j]))
             g.append(float(sims[j]))
             inl.append(verify(qf, other, cfg).inliers if other is not None else 0)
-            y.append(label)
+            y.append(int(j == i))
         del rid
     y_arr = np.array(y)
     if len(y_arr) == 0 or y_arr.min() == y_arr.max():
@@ -1266,7 +1268,7 @@ def _fit_fused(
     acc = float(np.mean((p >= fused.threshold) == (y_arr == 1)))
     info = {"how": "fitted", "pairs": int(len(y_arr)), "copies": int(y_arr.sum()),
             "model": spec, "seed": seed, "edits": "rdcd.edits.random_copy(hard=True)",
-            "negatives": "global nearest other reference + a random reference",
+            "negatives": f"the copy's global top {FUSED_FIT_CANDIDATES} other references",
             "score_input": "raw cosine", "train_accuracy": round(acc, 4),
             "median_inliers_copies": float(np.median(np.array(inl)[y_arr == 1])),
             "median_inliers_negatives": float(np.median(np.array(inl)[y_arr == 0])),
