@@ -591,6 +591,15 @@ def _print_index(manifest: dict) -> None:
     print(f"vectors          {s['ntotal']} in {len(s['shards'])} shards "
           f"({', '.join(s['shards'])}), {s['tombstones']} tombstoned")  # fmt: skip
     print(f"search           {s['search']}, exact scores: {s['exact_scores']}")
+    loc = s.get("local")
+    if loc:
+        recall = f"recall index {loc['recall_factory']}" if loc["recall"] else "no recall index"
+        print(f"local features   {loc['references']} references in {loc['parts']} parts "
+              f"({loc['feature_bytes_per_reference']:.0f} B each), {recall} "
+              f"({loc['recall_bytes_per_reference']:.0f} B each), fused score "
+              f"{loc['fused_fit']}")  # fmt: skip
+    else:
+        print("local features   none (--verify refused; embed with --local-features)")
 
 
 def cmd_index(args: argparse.Namespace) -> int:

@@ -163,3 +163,44 @@ def test_a_damaged_local_part_is_one_line_naming_it(reference, ray_local, inputs
     err = capsys.readouterr().err.strip()
     assert uri in err and "sha256" in err and len(err.splitlines()) == 1, err
     assert not rio.exists(rio.join(root, "CURRENT"))
+
+
+def test_the_index_carries_local_features_through_add(reference, ray_local, inputs, tmp_path):
+    """`rdcd index` copies the local files into the version; `--add` carries the added run's
+    (ids shifted like its descriptors) and refuses a run without them."""
+    from rdcd.index import IndexStoreError, LocalData, add_references, read_manifest
+
+    root = str(tmp_path / "index")
+    assert main(["index", "--embeddings", reference["out"], "--out", root, "--task-cpus", "0.5",
+                 "--shards", "2"]) == 0  # fmt: skip
+    manifest = read_manifest(root)
+    local = manifest["local"]
+    assert local["sizes"]["references"] == 7 and len(local["parts"]) == 3
+    assert all(e["file"].startswith("v1/local/") for e in local["parts"])
+    stored = {}
+    for commit in store.committed_parts(reference["out"]).values():
+        stored.update(store.read_local_part(reference["out"], commit))
+    data = LocalData(root, manifest)
+    got = data.features_of(list(range(20)))
+    assert sorted(got) == sorted(stored)
+    for rid, f in stored.items():
+        np.testing.assert_array_equal(got[rid].descriptors, f.descriptors)
+    copy = f"s3://{inputs['bucket']}/runs/copy-for-add"
+    for f in rio.list_files(reference["out"]):
+        rio.write_bytes(copy + f.uri[len(reference["out"]) :], rio.read_bytes(f.uri))
+    child = add_references(root, copy, cpus=0.5)
+    offset = int(child["sources"][1]["id_offset"])
+    assert offset == 8 and child["local"]["sizes"]["references"] == 14
+    added = LocalData(root, child).features_of([rid + offset for rid in stored])
+    assert sorted(added) == sorted(rid + offset for rid in stored)
+    for rid, f in stored.items():
+        np.testing.assert_array_equal(added[rid + offset].keypoints, f.keypoints)
+    # a run without local features cannot join an index that verifies
+    ids, uris, vectors, _ = store.read_embeddings(reference["out"])
+    identity = store.RunIdentity(**{k: store.committed_parts(reference["out"])[0][k] for k in (
+        "fingerprint", "model", "dim", "image_size", "precision", "shard_size")})  # fmt: skip
+    plain = str(tmp_path / "plain")
+    store.write_embeddings(plain, uris, vectors, identity)
+    with pytest.raises(IndexStoreError, match="has none"):
+        add_references(root, plain, cpus=0.5)
+    assert read_manifest(root)["version"] == child["version"]
