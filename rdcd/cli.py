@@ -579,6 +579,16 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
                    help="replace a published version of another model")  # fmt: skip
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="train the quantizer on a GPU (default: when FAISS sees one)")  # fmt: skip
+    p.add_argument(
+        "--no-local", action="store_true", help="leave a run's local features out (no --verify)"
+    )
+    p.add_argument(
+        "--fused-fit-sample",
+        type=int,
+        default=64,
+        metavar="N",
+        help="synthetic copies the fused score is fitted on (0: FusedScore.DEFAULT)",
+    )
 
 
 def _print_index(manifest: dict) -> None:
@@ -620,6 +630,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             task_cpus=args.task_cpus,
             gpu=args.gpu,
             allow_model_change=args.allow_model_change,
+            local=not args.no_local,
+            fused_fit_sample=args.fused_fit_sample,
         )
         manifest = index.build_index(cfg)
         b = manifest["build"]
