@@ -714,9 +714,10 @@ class LocalIndex:
     reference), fine on a GPU for up to a few hundred thousand references. A query searches
     its keypoints (x2 with flips) for `k` neighbours each; IVF probes `nprobe` lists."""
 
-    def __init__(self, index: faiss.Index, info: dict[str, Any]):
-        self.index = index
+    def __init__(self, index: faiss.Index, info: dict[str, Any], gpu: faiss.Index | None = None):
+        self.index = index  # the CPU index (what `save` writes)
         self.info = info
+        self._gpu = gpu  # its GPU copy that searches, when there is one
 
     @property
     def ntotal(self) -> int:
@@ -777,12 +778,10 @@ class LocalIndex:
         info = {"format": FORMAT, "factory": spec, "per_reference": per_reference,
                 "references": refs, "descriptors": int(len(x)), "nprobe": nprobe,
                 "build_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
-        out = cls(index, info)
-        out._gpu = work if on_gpu else None
-        return out
+        return cls(index, info, work if on_gpu else None)
 
     def _searcher(self) -> faiss.Index:
-        gpu = getattr(self, "_gpu", None)
+        gpu = self._gpu
         index = gpu if gpu is not None else self.index
         try:
             faiss.extract_index_ivf(self.index).nprobe = int(self.info.get("nprobe", 16))
@@ -846,10 +845,16 @@ class LocalIndex:
         if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
             raise ValueError(f"{rio.join(uri, INDEX_FILE)}: sha256 differs from {INDEX_META}")
         index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
-        out = cls(index, meta)
         gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-        out._gpu = faiss.index_cpu_to_all_gpus(index) if gpus and use_gpu is not False else None
-        return out
+        gpu = None
+        if gpus and use_gpu is not False:
+            try:
+                gpu = faiss.index_cpu_to_all_gpus(index)
+            except RuntimeError as exc:  # e.g. fast-scan PQ has no GPU kernels
+                if use_gpu:
+                    raise
+                log.warning("local index %s searches on the CPU: %s", meta.get("factory"), exc)
+        return cls(index, meta, gpu)
 
     def bytes_per_reference(self) -> float:
         """Serialised index bytes per indexed reference (codes, ids, quantiser)."""
