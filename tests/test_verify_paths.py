@@ -74,8 +74,9 @@ def world(ray_local, tiny_student, photos, tmp_path_factory):
                                  batch_size=4, local_features=True, progress=False))  # fmt: skip
     root = str(tmp / "index")
     manifest = build_index(IndexConfig(embeddings=run, out=root, shards=2, task_cpus=0.5))
+    # the sharded layout: query features travel from the Embedder deployment through a handle
     cfg = ServeConfig(index=root, model=tiny_student, port=free_port(), embedder_cpus=0.5,
-                      name="rdcd-verify-test", poll_interval_s=1.0)  # fmt: skip
+                      name="rdcd-verify-test", poll_interval_s=1.0, layout="sharded")  # fmt: skip
     url = start_serve_app(cfg, timeout_s=180)
     yield {"tmp": tmp, "root": root, "url": url, "truth": truth, "model": tiny_student,
            "queries": str(tmp / "queries"), "emb": str(tmp / "query-embeddings"),
@@ -144,6 +145,15 @@ def test_match_verify_equals_http(world, tmp_path):
     assert any(r["raw_score"] is None and r["votes"] > 0 for r in records)  # local recall ran
     flipped = by_query["Q00001"][0]
     assert flipped["reference_id"] == 1 and "flip" in flipped["transform"]
+    # a batch answers each image as a single request does
+    names = ["Q00001", "Q00099"]
+    files = [("images", (f"{q}.jpg", (Path(world["queries"]) / f"{q}.jpg").read_bytes()))
+             for q in names]  # fmt: skip
+    batch = requests.post(f"{world['url']}/v1/match/batch", files=files, timeout=120,
+                          params={"k": K, "verify": "true"})  # fmt: skip
+    assert batch.status_code == 200, batch.text
+    for q, result in zip(names, batch.json()["results"], strict=True):
+        assert result["matches"] == _http(world, q, verify="true").json()["matches"], q
     # without verify the same endpoint answers global scores only
     plain = _http(world, "Q00000").json()
     assert not plain["verified"] and "inliers" not in plain["matches"][0]
