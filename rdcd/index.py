@@ -1395,7 +1395,10 @@ class LocalData:
         recall = self.recall_index()
         if recall is None:
             return []
-        voted = recall.vote(query, top=top + len(self._dead), flips=self.config.flips)
+        # room for tombstoned references among the voted (bounded: a long tombstone list must
+        # not turn every query into a vote over the whole collection; compaction clears it)
+        extra = min(len(self._dead), 4 * top)
+        voted = recall.vote(query, top=top + extra, flips=self.config.flips)
         return [(r, v) for r, v in voted if r not in self._dead][:top]
 
     def uri_of(self, ids: Any) -> dict[int, str]:
