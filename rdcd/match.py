@@ -325,6 +325,14 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
                              "index; run without --local-recall")  # fmt: skip
     recall = bool(local is not None and (cfg.local_recall is not False) and local.has_recall)
     emb = cfg.embeddings_uri()
+    earlier = store.committed_parts(emb)
+    if earlier and any(store.has_local(c) for c in earlier.values()) != (local is not None):
+        had = "with" if local is None else "without"
+        raise MatchError(
+            f"the query embeddings at {emb} were made {had} local features (an earlier "
+            f"`rdcd match` {'with' if local is None else 'without'} --verify); give another "
+            "--embeddings, or delete that folder"
+        )
     run = run_embed_job(
         EmbedJobConfig(
             images=cfg.queries,

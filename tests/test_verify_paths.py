@@ -110,7 +110,7 @@ def _wait_for_version(world, version: int, timeout_s: float = 60.0) -> None:
     pytest.fail(f"the ingress did not switch to v{version} within {timeout_s:.0f} s")
 
 
-def test_match_verify_equals_http(world, tmp_path):
+def test_match_verify_equals_http(world, tmp_path, capsys):
     records = _match(world, tmp_path / "preds.csv")
     by_query: dict[str, list[dict]] = {}
     for r in records:
@@ -154,6 +154,12 @@ def test_match_verify_equals_http(world, tmp_path):
     assert batch.status_code == 200, batch.text
     for q, result in zip(names, batch.json()["results"], strict=True):
         assert result["matches"] == _http(world, q, verify="true").json()["matches"], q
+    # the query run was made with local features: matching without --verify into it is refused
+    argv = ["match", "--queries", world["queries"], "--index", world["root"], "--model",
+            world["model"], "--out", str(tmp_path / "plain.csv"), "--embeddings", world["emb"],
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    assert "made with local features" in capsys.readouterr().err
     # without verify the same endpoint answers global scores only
     plain = _http(world, "Q00000").json()
     assert not plain["verified"] and "inliers" not in plain["matches"][0]
