@@ -30,10 +30,13 @@ def main(argv: list[str]) -> int:
         print(f"refused: {size / 1e6:.1f} MB in fp16 is over the 10 MB limit", file=sys.stderr)
         return 2
     run_json = os.path.join(os.path.dirname(args.checkpoint), "run.json")
-    recipe = json.loads(rio.read_text(run_json))["config"] if rio.exists(run_json) else None
+    run = json.loads(rio.read_text(run_json)) if rio.exists(run_json) else {}
+    recipe = run.get("config")
+    # the run's data, steps, wall time and hardware travel with the weights (not its history)
+    made = {k: v for k, v in run.items() if k not in ("config", "history", "outputs")} or None
     figures = json.loads(rio.read_text(args.figures)) if args.figures else None
     info = {"fingerprint": fp, "source_fingerprint": source_fp, "config": model.config.to_dict(),
-            "bytes": size, "recipe": recipe, "figures": figures}  # fmt: skip
+            "bytes": size, "recipe": recipe, "run": made, "figures": figures}  # fmt: skip
     rio.write_text(os.path.join(ASSETS, "default_student.json"), json.dumps(info, indent=2))
     print(f"packaged {args.checkpoint} -> {default_student_path()} ({size / 1e6:.1f} MB fp16, "
           f"fingerprint {fp[:12]})")  # fmt: skip

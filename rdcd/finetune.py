@@ -81,7 +81,8 @@ class TailConfig:
     dim: int = 256  # the trained head
     extra_dims: list[int] = field(default_factory=lambda: [128, 64])  # fitted heads
     checkpoint_every: int = 200
-    eval_every: int = 0  # steps between calls of the eval hook (0: only at the end)
+    eval_every: int = 0  # steps between held-out scores (0: none during the run)
+    eval_root: str | None = None  # a DISC-layout folder scored every eval_every steps
     threads: int = 0  # torch threads (0: all cores)
 
     @classmethod
@@ -173,6 +174,47 @@ def fit_head(net: StudentNet, cache: viewcache.ViewCache, cfg: TailConfig, dim: 
     return out.eval()
 
 
+class HeldOutScorer:
+    """µAP of the tail on a DISC-layout folder, every `eval_every` steps: the front of each
+    image (at the student's inference size) is computed once, so a score costs tail passes only.
+    The learning curve goes into run.json; it is how a recipe's steps are chosen."""
+
+    def __init__(self, net: StudentNet, root: str, from_block: int):
+        from rdcd.decode import load_for_model
+        from rdcd.metrics import read_ground_truth
+
+        self.from_block = from_block
+        self.maps, self.ids = {}, {}
+        for d in ("references", "queries", "train"):
+            uris = sorted(f.uri for f in rio.list_files(rio.join(root, d), rio.IMAGE_SUFFIXES))
+            px = np.stack([load_for_model(rio.read_bytes(u), net.config.image_size) for u in uris])
+            self.maps[d] = torch.cat([viewcache.front(net, px[i : i + 32], from_block)
+                                      for i in range(0, len(px), 32)])  # fmt: skip
+            self.ids[d] = [rio.stem(u) for u in uris]
+        self.gt = read_ground_truth(rio.join(root, "ground_truth.csv"))
+
+    @torch.inference_mode()
+    def __call__(self, net: StudentNet, step: int) -> dict:
+        from rdcd.metrics import Match, evaluate_predictions
+        from rdcd.search import ScoreNormalizer, search
+
+        net.eval()
+        z = {d: torch.cat([viewcache.tail(net, m[i : i + 64], self.from_block)[1]
+                           for i in range(0, len(m), 64)]).numpy()
+             for d, m in self.maps.items()}  # fmt: skip
+        found = search(z["queries"], z["references"], 10, ScoreNormalizer(z["train"]))
+        out = {}
+        for key, scores in (("uap", found.raw_scores), ("uap_sn", found.scores)):
+            refs = self.ids["references"]
+            preds = [Match(q, refs[j], float(s)) for qi, q in enumerate(self.ids["queries"])
+                     for j, s in zip(found.indices[qi], scores[qi], strict=True)
+                     if j >= 0]  # fmt: skip
+            out[key] = evaluate_predictions(preds, self.gt)["uap"]
+        log.info("tail trainer: step %d held-out µAP %.3f µAP-sn %.3f", step, out["uap"],
+                 out["uap_sn"])  # fmt: skip
+        return out
+
+
 def _state_uri(cfg: TailConfig) -> str:
     return rio.join(cfg.out, "state.pt")
 
@@ -239,6 +281,9 @@ def train_tail(
         log.info("tail trainer: resuming at step %d", step0)
     net.eval()  # batch norm keeps the start's statistics throughout
     history = []
+    if evaluate_hook is None and cfg.eval_root and cfg.eval_every:
+        evaluate_hook = HeldOutScorer(net, cfg.eval_root, cfg.from_block)
+        history.append({"step": step0, **evaluate_hook(ema, step0)})
     t_train = time.perf_counter()
     for step in range(step0 + 1, cfg.steps + 1):
         warm = min(1.0, step / max(1, cfg.warmup_steps))
