@@ -374,3 +374,23 @@ def test_verification_to_dict_is_json_ready():
     d = json.loads(json.dumps(v.to_dict()))
     region = {"query": [1.0, 2.0, 3.0, 4.0], "reference": [5.0, 6.0, 7.5, 8.2]}
     assert d == {"inliers": 14, "matches": 30, "transform": "flip+rot90", "region": region}
+
+
+def test_recall_index_and_features_round_trip_through_s3(recall_refs, s3_bucket):
+    """The recall index and a Parquet part of local features written to and read back from a
+    real S3 API (moto's server), through rdcd.io like every other artefact."""
+    from rdcd import io as rio
+
+    refs = recall_refs[:30]
+    index = LocalIndex.build(refs, factory="IDMap,Flat")
+    uri = f"s3://{s3_bucket}/index/v1/local"
+    sums = index.save(uri)
+    loaded = LocalIndex.load(uri)
+    assert loaded.ntotal == index.ntotal and loaded.info["sha256"] == sums["local.faiss"]
+    q = refs[3][1]
+    assert loaded.vote(q) == index.vote(q) and loaded.vote(q)[0][0] == refs[3][0]
+    part = f"s3://{s3_bucket}/run/local/part-00000.parquet"
+    rio.write_bytes(part, parquet_bytes(to_table([r for r, _ in refs], [f for _, f in refs], CFG)))
+    back = from_table(read_parquet_bytes(rio.read_bytes(part)))
+    assert sorted(back) == [r for r, _ in refs]
+    assert all(np.array_equal(back[r].descriptors, f.descriptors) for r, f in refs)
