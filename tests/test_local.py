@@ -17,6 +17,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image, ImageOps
 
@@ -265,6 +266,10 @@ def test_table_round_trip_through_parquet(feats, real_pairs):
         assert abs(verify(q, back[i]).inliers - verify(q, feats(orig)).inliers) <= 5
     with pytest.raises(ValueError, match="duplicate"):
         to_table([1, 1], got[:2])
+    # a row whose bytes do not make whole keypoints is a damaged file, named by its id
+    damaged = table.set_column(4, "descriptors", pa.array([b"x" * 100] * 5, pa.large_binary()))
+    with pytest.raises(ValueError, match="id 3: .*damaged"):
+        from_table(damaged)
 
 
 # ---- fused score ------------------------------------------------------------------------------
