@@ -71,6 +71,7 @@ import io
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -190,14 +191,17 @@ class LocalFeatures:
         return len(self) * (4 * 2 + 128)
 
 
-_SIFT: dict[int, Any] = {}
+_SIFT = threading.local()
 
 
 def _sift(n: int):
-    # cv2 objects are not picklable, and creating one costs little; one per keypoint cap.
-    if n not in _SIFT:
-        _SIFT[n] = cv2.SIFT_create(nfeatures=n)
-    return _SIFT[n]
+    """One SIFT detector per thread and keypoint cap: cv2 objects are not picklable (so not
+    module state a Ray worker could receive), and OpenCV does not promise that one detector may
+    run in several threads at once (Serve extracts in a thread pool)."""
+    cache = _SIFT.__dict__.setdefault("by_cap", {})
+    if n not in cache:
+        cache[n] = cv2.SIFT_create(nfeatures=n)
+    return cache[n]
 
 
 def rootsift(descriptors: np.ndarray) -> np.ndarray:
