@@ -21,24 +21,23 @@ A last row scores with `FusedScore.DEFAULT` instead. Timings are milliseconds pe
 stage on this machine; bytes per reference for the stored local features (Parquet) and the recall
 index. Figures only, never asserts.
 
-Measured (full run, 928 s wall on the shared 2-core machine, k = 10, default LocalConfig;
-hard = pool hold-out, 279 references, 200 copies + 126 distractor queries; real = 410 references,
-83 non-GCompris pairs, 106 GCompris crops, 17 distractor queries):
+Measured (full run on the shared 2-core machine, k = 10, default LocalConfig: 928 s wall
+extracting every image's features, 552 s re-run on its cached features; hard = pool hold-out,
+279 references, 200 copies + 126 distractor queries; real = 410 references, 83 non-GCompris
+pairs, 106 GCompris crops, 17 distractor queries; figures of the re-run):
 
     µAP                 | teacher (sscd)                  | default student
                         | global  +verify  +verify+recall | global  +verify  +verify+recall
-    hard                | 0.830   0.909    0.924          | 0.288   0.682    0.865
+    hard                | 0.830   0.909    0.924          | 0.288   0.682    0.866
     real (non-GCompris) | 0.973   0.971    0.971          | 0.929   0.968    0.968
-    GCompris crops      | 0.050   0.107    0.105          | 0.003   0.014    0.013
+    GCompris crops      | 0.050   0.103    0.101          | 0.003   0.012    0.011
 
-The default student with verification and local recall (0.865) beats the teacher's global-only
+The default student with verification and local recall (0.866) beats the teacher's global-only
 µAP on the hard set (0.830); the teacher gains +0.094. recall@P90 on hard: teacher 0.680 ->
-0.875, student 0.140 -> 0.840. Per query: RootSIFT extraction 25-93 ms, recall vote 18-24 ms,
-verification of 10 candidates 35-55 ms (the machine was shared with a training job; loaded).
-Local features stored: 69-74 KiB per reference in the first (typed nested list) Parquet form of
-that run, ~50 KiB in the binary form that replaced it (102 B per keypoint over the run's 1,663
-images, ~500 keypoints per reference); recall index (IVF1024,PQ64x4fs, 256 descriptors per
-reference) 11.5-13.2 KiB per reference.
+0.875, student 0.140 -> 0.840. Per query: RootSIFT extraction 25-93 ms, recall vote 16-24 ms,
+verification of 10 candidates 32-52 ms (the machine was shared with a training job; loaded).
+Local features stored: 47-50 KiB per reference in Parquet (~470-500 keypoints); recall index
+(IVF1024,PQ64x4fs, 256 descriptors per reference) 11.5-13.2 KiB per reference.
 """
 
 from __future__ import annotations
