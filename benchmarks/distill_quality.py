@@ -255,7 +255,7 @@ def dims_table(root: str, models: list[tuple[str, str]], dims=(256, 128, 64)) ->
         r_ids, refs = _embed_folder(model, rio.join(root, "references"))
         _, bg = _embed_folder(model, rio.join(root, "train"))
         q_ids, qs = _embed_folder(model, rio.join(root, "queries"))
-        for d in dims:
+        for d in sorted({model.dim, *dims}, reverse=True):
             if d > model.dim:
                 continue
             if d == model.dim:
