@@ -46,39 +46,12 @@ from rdcd.losses import (
 )
 from rdcd.metrics import GroundTruth, Match, evaluate_predictions, read_ground_truth
 from rdcd.models import load_model
-from rdcd.models.embedder import IMAGENET_MEAN, IMAGENET_STD
 from rdcd.models.student import StudentNet
 from rdcd.search import ScoreNormalizer, search
+from rdcd.viewcache import front, tail  # the frozen front and the trained rest
 
 TRAIN_SIZE = 224
 TERMS = ("con", "rel", "feat", "hn")
-
-
-def normalise(pixels: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
-@torch.inference_mode()
-def front(net: StudentNet, pixels: np.ndarray, from_block: int) -> torch.Tensor:
-    """The frozen part: stem and blocks [0, from_block)."""
-    bb = net.backbone
-    x = bb.bn1(bb.conv_stem(normalise(pixels)))
-    for block in bb.blocks[:from_block]:
-        x = block(x)
-    return x
-
-
-def tail(net: StudentNet, x: torch.Tensor, from_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trained part: (h_S, descriptor) from the front's feature map."""
-    bb = net.backbone
-    for block in bb.blocks[from_block:]:
-        x = block(x)
-    f = net.pool(bb.bn2(bb.conv_head(x))).flatten(1)
-    h = net.project((f - net.feat_mean) * net.feat_scale)
-    return h, F.normalize(net.head(h), dim=1)
 
 
 def views_of(uri: str, index: int, n_views: int) -> np.ndarray | None:

@@ -59,25 +59,25 @@ class TailConfig:
     # student checkpoint (its trunk, front and BN; the head refitted)
     start: str = "efficientnet-lite0"
     teacher: str = "sscd"
-    views: int = 4
+    views: int = 3
     size: int = 224
     from_block: int = 5
     seed: int = 0
     cache_dir: str | None = None  # default <out>/cache
-    steps: int = 3000
+    steps: int = 600
     batch_size: int = 64
     lr: float = 3e-4  # AdamW, for the trained blocks and conv_head
     # ... times this for `project` and `head`: their closed-form fits have tiny entries (~1e-3),
     # which Adam's per-weight steps of ~lr would overwrite within a few steps
-    head_lr_scale: float = 0.01
+    head_lr_scale: float = 0.03
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     w_feat: float = 1.0
     w_desc: float = 1.0
-    w_rel: float = 1.0
+    w_rel: float = 0.1
     t_rel: float = 0.04
     memory_size: int = 4096
-    ema: float = 0.998
+    ema: float = 0.99
     dim: int = 256  # the trained head
     extra_dims: list[int] = field(default_factory=lambda: [128, 64])  # fitted heads
     checkpoint_every: int = 200
