@@ -24,7 +24,8 @@ index. Figures only, never asserts.
 Measured (full run on the shared 2-core machine, k = 10, default LocalConfig: 928 s wall
 extracting every image's features, 552 s re-run on its cached features; hard = pool hold-out,
 279 references, 200 copies + 126 distractor queries; real = 410 references, 83 non-GCompris
-pairs, 106 GCompris crops, 17 distractor queries; figures of the re-run):
+pairs, 106 GCompris crops, 17 distractor queries; figures of the re-run, with the previous
+fitted-heads default student; README has the re-run with the tail-distilled one):
 
     µAP                 | teacher (sscd)                  | default student
                         | global  +verify  +verify+recall | global  +verify  +verify+recall
