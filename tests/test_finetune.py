@@ -110,3 +110,15 @@ def test_config_rejects_unknown_settings():
         TailConfig.from_dict({"trainer": "tail", "images": "x", "lr_typo": 1})
     with pytest.raises(ValueError, match="views"):
         TailConfig(images="x", views=1).validate()
+
+
+def test_rdcd_train_runs_the_tail_trainer_for_a_tail_config(tmp_path, capsys):
+    from rdcd.cli import main
+
+    cfg = tmp_path / "tail.yaml"
+    cfg.write_text("trainer: tail\nimages: list.txt\nsteps: 5\n")
+    assert main(["train", "--config", str(cfg), "--dry-run", "--set", "views=4"]) == 0
+    printed = capsys.readouterr().out
+    assert "TailConfig(" in printed and "views=4" in printed and "steps=5" in printed
+    assert main(["train", "--config", str(cfg), "--dry-run", "--set", "lr_typo=1"]) != 0
+    assert "unknown tail-trainer settings: lr_typo" in capsys.readouterr().err
