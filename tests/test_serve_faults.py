@@ -248,12 +248,13 @@ def _load(app, seconds: float, out: list, threads: int = 3, max_requests: int = 
             with lock:
                 if len(out) >= max_requests:
                     return
+            t0 = time.monotonic()
             try:
                 r = _post(app, query, timeout=30)
                 item = (r.status_code, r.headers.get("content-type", ""), r.text[:300],
-                        r.headers.get("retry-after"))  # fmt: skip
+                        r.headers.get("retry-after"), time.monotonic() - t0)  # fmt: skip
             except requests.RequestException as exc:
-                item = (-1, "", repr(exc)[:200], None)
+                item = (-1, "", repr(exc)[:200], None, time.monotonic() - t0)
             with lock:
                 out.append(item)
 
@@ -266,7 +267,7 @@ def _load(app, seconds: float, out: list, threads: int = 3, max_requests: int = 
 def _check_codes(results: list) -> None:
     codes = [c for c, *_ in results]
     assert 500 not in codes and -1 not in codes, [r for r in results if r[0] not in (200, 503)][:3]
-    for code, ctype, text, retry in results:
+    for code, ctype, text, retry, _ in results:
         if code == 503:
             assert "application/json" in ctype and json.loads(text)["error"], text
             assert retry is not None
@@ -287,7 +288,11 @@ def test_embedder_killed_under_load_gives_503s_not_500s(app):
         w.join(timeout=60)
     _check_codes(results)
     assert seen_unhealthy, "health never said unhealthy while the embedder was down"
-    assert any(c == 503 for c, *_ in results), "the kill was not seen by any request"
+    # the kill hit requests in flight: they got a JSON 503, or (when Serve brought the embedder
+    # back within the request deadline, as on a quiet machine) waited through the outage for it
+    assert any(c == 503 or (c == 200 and took > 5.0) for c, *_, took in results), (
+        "the kill was not seen by any request"
+    )
     _wait_answering(app, 2)
     assert _health(app).json()["status"] == "ok"
 
