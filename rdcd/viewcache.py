@@ -143,10 +143,15 @@ def build(
     teacher_embed: Callable[[np.ndarray], np.ndarray],
     cfg: ViewCacheConfig = ViewCacheConfig(),
     teacher_name: str = "sscd",
+    teacher_from: str | None = None,
 ) -> ViewCache:
     """Build (or resume, or just load) the cache of `uris` in the local folder `folder`.
 
-    `teacher_embed` maps uint8 NHWC views (cfg.size square) to descriptors."""
+    `teacher_embed` maps uint8 NHWC views (cfg.size square) to descriptors. `teacher_from`: a
+    cache of the same listing, views, size, seed and teacher made for another front (another
+    `from_block` or start); its teacher descriptors are copied chunk by chunk instead of being
+    recomputed, which is most of a cache's cost (the views are pure functions of their inputs, so
+    the descriptors are the same). A chunk it lacks, or holds for other images, is computed."""
     os.makedirs(folder, exist_ok=True)
     identity = {
         "config": asdict(cfg),
@@ -167,8 +172,9 @@ def build(
         with open(meta + ".tmp", "w") as f:
             json.dump(identity, f, indent=2)
         os.replace(meta + ".tmp", meta)
+    donor = _teacher_donor(teacher_from, cfg, teacher_name)
     n_chunks = (len(uris) + cfg.chunk - 1) // cfg.chunk
-    t0, done = time.perf_counter(), 0
+    t0, done, reused = time.perf_counter(), 0, 0
     with ThreadPoolExecutor(cfg.decode_threads) as pool:
         for c in range(n_chunks):
             path = _chunk_path(folder, c)
@@ -180,6 +186,7 @@ def build(
                         raise CacheMismatchError(f"{path} holds other images than the listing's "
                                                  f"{lo}..{hi}; use a new folder")  # fmt: skip
                 continue
+            known = _donor_chunk(donor, c, digest)
             idx, maps, targets = [], [], []
             for b in range(lo, hi, 32):
                 ids = list(range(b, min(hi, b + 32)))
@@ -189,7 +196,12 @@ def build(
                     continue
                 px = np.concatenate([v for _, v in made])
                 f = front(net, px, cfg.from_block).half().numpy()
-                t = np.asarray(teacher_embed(px), dtype=np.float32)
+                ids_made = [i for i, _ in made]
+                if known is not None and all(i in known for i in ids_made):
+                    t = np.concatenate([known[i] for i in ids_made])
+                    reused += len(ids_made)
+                else:
+                    t = np.asarray(teacher_embed(px), dtype=np.float32)
                 maps.append(f.reshape(len(made), cfg.views, *f.shape[1:]))
                 targets.append(t.reshape(len(made), cfg.views, -1))
                 idx += [i for i, _ in made]
@@ -199,9 +211,41 @@ def build(
             os.replace(tmp, path)
             done += hi - lo
             rate = done / (time.perf_counter() - t0)
-            log.info("view cache: chunk %d/%d (%d images, %.1f images/s)", c + 1, n_chunks,
-                     hi - lo, rate)  # fmt: skip
+            log.info("view cache: chunk %d/%d (%d images, %.1f images/s, %d teacher "
+                     "descriptors reused so far)", c + 1, n_chunks, hi - lo, rate,
+                     reused)  # fmt: skip
     return load(folder, n_chunks)
+
+
+def _teacher_donor(folder: str | None, cfg: ViewCacheConfig, teacher_name: str) -> str | None:
+    """`folder` when its cache was made from the same views and teacher (any front)."""
+    if not folder:
+        return None
+    meta = os.path.join(folder, "cache.json")
+    if not os.path.exists(meta):
+        raise FileNotFoundError(f"teacher_from {folder}: no cache.json there")
+    with open(meta) as f:
+        found = json.load(f)
+    same = ("views", "size", "seed", "chunk")
+    theirs = found.get("config", {})
+    if found.get("teacher") != teacher_name or any(theirs.get(k) != getattr(cfg, k) for k in same):
+        raise CacheMismatchError(
+            f"teacher_from {folder}: made with other views or teacher ({theirs}, "
+            f"{found.get('teacher')!r}); its descriptors would not be of these views"
+        )
+    return folder
+
+
+def _donor_chunk(donor: str | None, c: int, digest: str) -> dict[int, np.ndarray] | None:
+    """{listing position: teacher descriptors [views, D]} of the donor's chunk `c`, when it
+    holds the same images."""
+    path = _chunk_path(donor, c) if donor else None
+    if path is None or not os.path.exists(path):
+        return None
+    with np.load(path) as z:
+        if str(z["listing"]) != digest:
+            return None
+        return {int(i): t for i, t in zip(z["index"], z["teacher"], strict=True)}
 
 
 def load(folder: str, n_chunks: int | None = None) -> ViewCache:

@@ -122,3 +122,71 @@ def test_rdcd_train_runs_the_tail_trainer_for_a_tail_config(tmp_path, capsys):
     assert "TailConfig(" in printed and "views=4" in printed and "steps=5" in printed
     assert main(["train", "--config", str(cfg), "--dry-run", "--set", "lr_typo=1"]) != 0
     assert "unknown tail-trainer settings: lr_typo" in capsys.readouterr().err
+
+
+def test_number_settings_written_like_1e_9_are_numbers():
+    # PyYAML reads `1e-9` (no dot) as a string; `--set lr=1e-9` crashed AdamW before the fix
+    cfg = TailConfig.from_dict({"images": "x", "lr": "1e-9", "steps": "3"})
+    assert cfg.lr == 1e-9 and cfg.steps == 3
+    with pytest.raises(ValueError, match="lr: expected a number"):
+        TailConfig.from_dict({"images": "x", "lr": "fast"})
+
+
+def test_ridge_strength_is_chosen_on_the_validation_views():
+    # 220 training rows of a 200-d input whose target reads 5 of its columns: least squares fits
+    # the training rows exactly (noise included) and generalises worst; the chosen strength
+    # must be a real ridge and predict the held-out rows better than the weakest one tried
+    from rdcd.finetune import ridge_fit
+
+    g = torch.Generator().manual_seed(0)
+    w_true = torch.zeros(200, 8, dtype=torch.float64)
+    w_true[:5] = torch.randn(5, 8, generator=g, dtype=torch.float64)
+
+    def rows(n):
+        x = torch.randn(n, 200, generator=g, dtype=torch.float64)
+        return x, x @ w_true + 0.5 * torch.randn(n, 8, generator=g, dtype=torch.float64)
+
+    (x, y), (xv, yv) = rows(220), rows(200)
+    grid = [1e-6, 0.1, 1.0, 10.0]
+    w, b, chosen, score = ridge_fit(x, y, xv, yv, grid)
+    weakest = ridge_fit(x, y, xv, yv, grid[:1])
+    assert chosen > grid[0]
+    assert score > weakest[3] + 0.05, (score, weakest[3])
+    assert abs(F.cosine_similarity(xv @ w + b, yv).mean().item() - score) < 1e-9
+
+
+def test_validation_images_never_train(tmp_path, listing):
+    from rdcd.finetune import split
+
+    summary = train_tail(tiny(listing, str(tmp_path / "a"), str(tmp_path / "cache"), steps=1))
+    assert summary["cached_images"] == 14 and summary["validation_images"] == 2  # 14 // 5
+    cache = viewcache.load(str(tmp_path / "cache"))
+    train, val = split(cache, 512)
+    assert len(train) == 12 and len(val) == 2
+    assert set(train.index.tolist()).isdisjoint(val.index.tolist())
+    assert val.index.tolist() == cache.index[-2:].tolist()
+
+
+def test_another_front_reuses_the_teacher_descriptors_of_a_cache(tmp_path, listing):
+    from rdcd.finetune import list_images, start_student
+
+    donor = str(tmp_path / "b5")
+    train_tail(tiny(listing, str(tmp_path / "a"), donor, steps=1))
+    cfg = tiny(listing, "", "", from_block=4)
+    uris = list_images(listing)
+    uris = [uris[i] for i in np.random.default_rng(cfg.seed).permutation(len(uris))]
+
+    def no_teacher(px):
+        raise AssertionError("the teacher ran although the donor cache holds its descriptors")
+
+    vc = viewcache.ViewCacheConfig(views=2, size=96, from_block=4)
+    got = viewcache.build(str(tmp_path / "b4"), uris, start_student(cfg), no_teacher, vc,
+                          teacher_from=donor)  # fmt: skip
+    ref = viewcache.load(donor)
+    np.testing.assert_array_equal(got.teacher, ref.teacher)
+    assert got.maps.shape[2] != ref.maps.shape[2]  # block 3's channels, not block 4's
+    # a donor of other views would hand over descriptors of other pixels: refused
+    with pytest.raises(viewcache.CacheMismatchError, match="other views"):
+        viewcache.build(str(tmp_path / "b4v3"), uris, start_student(cfg), no_teacher,
+                        viewcache.ViewCacheConfig(views=3, size=96, from_block=4),
+                        teacher_from=donor)  # fmt: skip
