@@ -307,12 +307,43 @@ def _state_uri(cfg: TailConfig) -> str:
     return rio.join(cfg.out, "state.pt")
 
 
+# settings that do not change what a step computes: a run may resume with other values of these
+_NOT_RECIPE = ("out", "cache_dir", "teacher_from", "checkpoint_every", "eval_every", "eval_root",
+               "threads")  # fmt: skip
+
+
+def _recipe(cfg: TailConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECIPE}
+
+
+def _load_state(cfg: TailConfig) -> dict | None:
+    """The checkpoint in `cfg.out`, refused when it was made with another recipe (a resumed run
+    must draw what the uninterrupted one would; `steps` counts too: it shapes the schedule)."""
+    import io
+
+    if not rio.exists(_state_uri(cfg)):
+        return None
+    state = torch.load(io.BytesIO(rio.read_bytes(_state_uri(cfg))), weights_only=True)
+    made = state.get("recipe")
+    if made is not None:
+        now = json.loads(json.dumps(_recipe(cfg)))
+        differ = sorted(k for k in set(made) | set(now) if made.get(k) != now.get(k))
+        if differ:
+            raise ValueError(
+                f"{_state_uri(cfg)} was made with other settings ("
+                + ", ".join(f"{k}: {made.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+                + "); use another --out, or the settings it was made with"
+            )
+    return state
+
+
 def _save_state(cfg: TailConfig, step: int, net, ema, opt) -> None:
     import io
 
     buf = io.BytesIO()
     torch.save({"step": step, "model": net.state_dict(), "ema": ema.state_dict(),
-                "opt": opt.state_dict()}, buf)  # fmt: skip
+                "opt": opt.state_dict(), "recipe": json.loads(json.dumps(_recipe(cfg)))},
+               buf)  # fmt: skip
     rio.write_bytes(_state_uri(cfg), buf.getvalue())
 
 
@@ -327,6 +358,7 @@ def train_tail(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
+    state = _load_state(cfg)  # before any work: a checkpoint of another recipe is refused
     uris = list_images(cfg.images)
     # a seeded shuffle: chunks of the cache mix every source, and `max_images` takes a prefix
     uris = [uris[i] for i in np.random.default_rng(cfg.seed).permutation(len(uris))]
@@ -350,7 +382,7 @@ def train_tail(
     mean, axes = (torch.from_numpy(a) for a in teacher_axes(cache.teacher, cfg.dim))
     targets = torch.from_numpy(cache.teacher)
     net = copy.deepcopy(start)
-    if not rio.exists(_state_uri(cfg)):
+    if state is None:
         if cfg.start == PACKAGE_START:
             fit_project(net, cache, cfg, val=val)
         net = fit_head(net, cache, cfg, cfg.dim, val=val)  # start the head where the loss wants it
@@ -362,10 +394,7 @@ def train_tail(
         lr=cfg.lr, weight_decay=cfg.weight_decay)  # fmt: skip
     ema = copy.deepcopy(net)
     step0 = 0
-    if rio.exists(_state_uri(cfg)):
-        import io
-
-        state = torch.load(io.BytesIO(rio.read_bytes(_state_uri(cfg))), weights_only=True)
+    if state is not None:
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])

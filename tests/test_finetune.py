@@ -190,3 +190,15 @@ def test_another_front_reuses_the_teacher_descriptors_of_a_cache(tmp_path, listi
         viewcache.build(str(tmp_path / "b4v3"), uris, start_student(cfg), no_teacher,
                         viewcache.ViewCacheConfig(views=3, size=96, from_block=4),
                         teacher_from=donor)  # fmt: skip
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_before_any_work(tmp_path, listing):
+    cache = str(tmp_path / "cache")
+    out = str(tmp_path / "a")
+    train_tail(tiny(listing, out, cache, steps=4))
+    # other reporting settings resume; a setting that changes the steps is refused, naming it
+    assert train_tail(tiny(listing, out, cache, steps=4, eval_every=0))["steps_this_run"] == 0
+    with pytest.raises(ValueError, match="lr: 0.001 there, 0.002 now"):
+        train_tail(tiny(listing, out, cache, steps=4, lr=2e-3))
+    with pytest.raises(ValueError, match="steps: 4 there, 6 now"):
+        train_tail(tiny(listing, out, cache, steps=6))
