@@ -336,6 +336,11 @@ def step_timing(student_path: str, batch_size: int = 32, steps: int = 3) -> dict
             "train_images_per_s_overlapped": batch_size / max(t_teacher, t_step)}  # fmt: skip
 
 
+def _short(path: str) -> str:
+    """`run/student.pt`: the folder tells runs apart, whose files share a name."""
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--student", action="append", default=[], help="trained student checkpoint(s)")
@@ -366,8 +371,8 @@ def main() -> None:
         print(f"pool hold-out set: {counts}")
         print(f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}")
         models = [("teacher SSCD R50 (int8 ONNX)", "sscd")]
-        models += [(f"baseline {os.path.basename(b)}", b) for b in args.baseline]
-        models += [(f"student {os.path.basename(st)}", st) for st in args.student]
+        models += [(f"baseline {_short(b)}", b) for b in args.baseline]
+        models += [(f"student {_short(st)}", st) for st in args.student]
         rows = dims_table(root, models)
         print_dims_table(rows)
         if args.json:
