@@ -152,6 +152,8 @@ def build(
     `from_block` or start); its teacher descriptors are copied chunk by chunk instead of being
     recomputed, which is most of a cache's cost (the views are pure functions of their inputs, so
     the descriptors are the same). A chunk it lacks, or holds for other images, is computed."""
+    # a donor of other views is refused before anything is written
+    donor = _teacher_donor(teacher_from, cfg, teacher_name)
     os.makedirs(folder, exist_ok=True)
     identity = {
         "config": asdict(cfg),
@@ -172,7 +174,6 @@ def build(
         with open(meta + ".tmp", "w") as f:
             json.dump(identity, f, indent=2)
         os.replace(meta + ".tmp", meta)
-    donor = _teacher_donor(teacher_from, cfg, teacher_name)
     n_chunks = (len(uris) + cfg.chunk - 1) // cfg.chunk
     t0, done, reused = time.perf_counter(), 0, 0
     with ThreadPoolExecutor(cfg.decode_threads) as pool:

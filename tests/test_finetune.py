@@ -190,6 +190,10 @@ def test_another_front_reuses_the_teacher_descriptors_of_a_cache(tmp_path, listi
         viewcache.build(str(tmp_path / "b4v3"), uris, start_student(cfg), no_teacher,
                         viewcache.ViewCacheConfig(views=3, size=96, from_block=4),
                         teacher_from=donor)  # fmt: skip
+    assert not (tmp_path / "b4v3").exists()  # refused before anything was written
+    with pytest.raises(FileNotFoundError, match="no cache.json"):
+        viewcache.build(str(tmp_path / "b4x"), uris, start_student(cfg), no_teacher, vc,
+                        teacher_from=str(tmp_path / "nowhere"))  # fmt: skip
 
 
 def test_a_checkpoint_of_another_recipe_is_refused_before_any_work(tmp_path, listing):
