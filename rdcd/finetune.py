@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from rdcd import io as rio
 from rdcd import viewcache
-from rdcd.losses import feature_loss
+from rdcd.losses import cross_view_loss, feature_loss
 from rdcd.models import load_model
 from rdcd.models.checkpoint import save_checkpoint
 from rdcd.models.pretrained import load_backbone_weights
@@ -79,6 +79,12 @@ class TailConfig:
     w_desc: float = 1.0
     w_rel: float = 0.1
     t_rel: float = 0.04
+    # cross-view contrast (InfoNCE, both directions): the descriptor of an image's clean view and
+    # of one of its augmented views must find each other among the batch's other images and the
+    # teacher memory (minus the image's own entries); what copy detection asks of a descriptor
+    # directly. With it on, a batch is batch_size // 2 images x 2 views (same cost per step).
+    w_con: float = 0.0
+    t_con: float = 0.05
     memory_size: int = 4096
     ema: float = 0.99
     dim: int = 256  # the trained head
@@ -303,6 +309,20 @@ def validation_cos(net: StudentNet, val: viewcache.ViewCache, cfg: TailConfig, m
                                   .mean().item(), 4)}  # fmt: skip
 
 
+def _batch(
+    rng: np.random.Generator, n: int, v: int, cfg: TailConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image, view) indices of a step's batch. With `w_con`, the first half is the clean view
+    (0) of batch_size // 2 images and the second half one augmented view of each of them."""
+    if not cfg.w_con:
+        idx = rng.choice(n, cfg.batch_size, replace=n < cfg.batch_size)
+        return idx, rng.integers(0, v, cfg.batch_size)
+    half = max(1, cfg.batch_size // 2)
+    idx = rng.choice(n, half, replace=n < half)
+    return np.concatenate([idx, idx]), np.concatenate([np.zeros(half, int),
+                                                       rng.integers(1, v, half)])  # fmt: skip
+
+
 def _state_uri(cfg: TailConfig) -> str:
     return rio.join(cfg.out, "state.pt")
 
@@ -327,6 +347,8 @@ def _load_state(cfg: TailConfig) -> dict | None:
     made = state.get("recipe")
     if made is not None:
         now = json.loads(json.dumps(_recipe(cfg)))
+        # a setting newer than the checkpoint was made with its default then
+        made = {**json.loads(json.dumps(_recipe(TailConfig()))), **made}
         differ = sorted(k for k in set(made) | set(now) if made.get(k) != now.get(k))
         if differ:
             raise ValueError(
@@ -413,20 +435,23 @@ def train_tail(
         for g in opt.param_groups:
             g["lr"] = lr * g["scale"]
         rng = np.random.default_rng([cfg.seed, step])
-        idx = rng.choice(n, cfg.batch_size, replace=n < cfg.batch_size)
-        view = rng.integers(0, v, cfg.batch_size)
+        idx, view = _batch(rng, n, v, cfg)
         x = torch.from_numpy(cache.maps[idx, view]).float()
         t = F.normalize(targets[idx, view], dim=1)
         h, z = viewcache.tail(net, x, cfg.from_block)
         z_t = project_targets(t, mean, axes)
         loss = cfg.w_feat * feature_loss(h, t) + cfg.w_desc * feature_loss(z, z_t)
-        if cfg.w_rel:
+        if cfg.w_rel or cfg.w_con:
             mi = rng.integers(0, n, cfg.memory_size), rng.integers(0, v, cfg.memory_size)
             memory = project_targets(targets[mi], mean, axes)
+        if cfg.w_rel:
             log_p_t = F.log_softmax(z_t @ memory.T / cfg.t_rel, dim=1)
             log_p_s = F.log_softmax(z @ memory.T / cfg.t_rel, dim=1)
             rel = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
             loss = loss + cfg.w_rel * rel
+        if cfg.w_con:
+            own = torch.from_numpy(idx[: len(idx) // 2, None] == mi[0][None, :])
+            loss = loss + cfg.w_con * cross_view_loss(z, memory, own, cfg.t_con)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -83,3 +83,17 @@ def feature_loss(h_s: torch.Tensor, h_t: torch.Tensor):
     descriptor of each augmented view hands over the teacher's invariances image by image.
     """
     return (1.0 - F.cosine_similarity(h_s, h_t, dim=1)).mean()
+
+
+def cross_view_loss(z: torch.Tensor, memory: torch.Tensor, own: torch.Tensor,
+                    t: float) -> torch.Tensor:  # fmt: skip
+    """InfoNCE between the two halves of `z` (row i of each half: views of one image), both
+    directions; the negatives are the other images of the batch and the `memory` entries not
+    marked in `own` [half, M] (the memory's views of the same image are no negatives)."""
+    a, b = z.chunk(2)
+    pos = torch.arange(len(a))
+    mem_a = (a @ memory.T).masked_fill(own, float("-inf"))
+    mem_b = (b @ memory.T).masked_fill(own, float("-inf"))
+    la = torch.cat([a @ b.T, mem_a], dim=1) / t
+    lb = torch.cat([b @ a.T, mem_b], dim=1) / t
+    return 0.5 * (F.cross_entropy(la, pos) + F.cross_entropy(lb, pos))

