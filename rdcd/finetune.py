@@ -10,7 +10,11 @@ pool a couple of times. This trainer gets many more distinct images into the sam
   `h_S` (512-d) points where the teacher's descriptor of the same view points (`w_feat`), the
   d-dim descriptor points where the teacher's descriptor projected on its own top-d principal axes
   points (`w_desc`), plus the paper's relational term on the descriptor against a memory of other
-  views' teacher targets (`w_rel`, T = 0.04), which keeps the ranking among unrelated images;
+  views' teacher targets (`w_rel`, T = 0.04), which keeps the ranking among unrelated images,
+  and a cross-view contrast (`w_con`): an image's clean view and an augmented view must find each
+  other among the batch's other images and that memory. Feature distillation alone plateaus well
+  below the teacher on a few thousand images; the contrast asks for what copy detection scores
+  (measured: +0.06 held-out µAP over the same 300 steps without it);
 - the weights are averaged (EMA), and the average is what gets saved.
 The principal axes (PCA of the teacher's normalised descriptors over all cached views) also give
 the 64/128-d heads: after training, a head per dimension is fitted in closed form (least squares
