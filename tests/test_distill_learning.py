@@ -94,6 +94,9 @@ def test_one_adamw_step_from_the_default_student_does_not_collapse(photos):
         return {"view1": v, "view2": v[:, :, ::-1].copy(), "teacher": teacher}
 
     model = RDCD(cfg)
+    model.eval()
+    with torch.no_grad():
+        start = offdiag_cosine(model.student(held))
     warm_fill(model, [batch(0), batch(1)], CPU)
     assert model.student.is_standardised
     opt = make_optimizer(model, cfg)
@@ -102,7 +105,8 @@ def test_one_adamw_step_from_the_default_student_does_not_collapse(photos):
     model.eval()
     with torch.no_grad():
         spread = offdiag_cosine(model.student(held))
-    assert spread < 0.3, spread
+    # measured: 0.05 -> 0.13 (blocks 4-6 default), 0.24 -> 0.40 (+ contrast stage); ~0.99 unfixed
+    assert spread < 0.5 and spread - start < 0.25, (start, spread)
 
 
 def test_warm_fill_puts_real_keys_and_teacher_vectors_in_queue_and_memory():
