@@ -135,6 +135,8 @@ class TailConfig:
             raise ValueError("views must be at least 2 (the clean image and one augmentation)")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError("ema must be in [0, 1)")
+        if self.w_con < 0 or self.t_con <= 0:
+            raise ValueError("w_con must be at least 0 and t_con above 0")
         return self
 
 

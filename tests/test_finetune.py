@@ -109,6 +109,9 @@ def test_views_are_reproducible_and_an_unreadable_image_is_skipped(tmp_path, pho
 def test_config_rejects_unknown_settings():
     with pytest.raises(ValueError, match="unknown tail-trainer settings: lr_typo"):
         TailConfig.from_dict({"trainer": "tail", "images": "x", "lr_typo": 1})
+    for bad in ({"w_con": -1.0}, {"t_con": 0.0}):
+        with pytest.raises(ValueError, match="w_con must be at least 0 and t_con above 0"):
+            TailConfig(images="x", **bad).validate()
     with pytest.raises(ValueError, match="views"):
         TailConfig(images="x", views=1).validate()
 
