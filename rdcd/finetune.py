@@ -62,6 +62,10 @@ class TailConfig:
     # closed form to the cached teacher targets before the first step) or any --model spec of a
     # student checkpoint (its trunk, front and BN; the head refitted)
     start: str = "efficientnet-lite0"
+    # refit the head of a student `start` in closed form before step 1 (always when its dim is not
+    # `dim`); False keeps a trained head, which a run going on from a tail run of the same cache
+    # and dim wants (its head already fits these targets)
+    refit_head: bool = True
     teacher: str = "sscd"
     views: int = 3
     size: int = 224
@@ -89,6 +93,15 @@ class TailConfig:
     # directly. With it on, a batch is batch_size // 2 images x 2 views (same cost per step).
     w_con: float = 0.0
     t_con: float = 0.05
+    # extra views per image for the contrast only (0: none): made with the `con_augment` preset
+    # of `rdcd.augment` (its `copy` mix pastes views onto other photos, rotates and crops harder:
+    # the copies the student missed most), front maps only (no teacher, so cheap to cache, in
+    # `con_cache_dir`, default <cache_dir>-con). A contrast pair's augmented side is one of them
+    # with probability `con_p`; feature terms stay on the views the teacher labelled.
+    con_views: int = 0
+    con_augment: str = "copy"
+    con_p: float = 0.5
+    con_cache_dir: str | None = None
     memory_size: int = 4096
     ema: float = 0.99
     dim: int = 256  # the trained head
@@ -137,6 +150,13 @@ class TailConfig:
             raise ValueError("ema must be in [0, 1)")
         if self.w_con < 0 or self.t_con <= 0:
             raise ValueError("w_con must be at least 0 and t_con above 0")
+        if self.con_views < 0 or not 0.0 <= self.con_p <= 1.0:
+            raise ValueError("con_views must be at least 0 and con_p in [0, 1]")
+        if self.con_views and not self.w_con:
+            raise ValueError("con_views are views for the contrast: set w_con above 0 too")
+        from rdcd.augment import preset
+
+        preset(self.con_augment, self.size)  # an unknown preset is refused before any work
         return self
 
 
@@ -317,16 +337,22 @@ def validation_cos(net: StudentNet, val: viewcache.ViewCache, cfg: TailConfig, m
 
 def _batch(
     rng: np.random.Generator, n: int, v: int, cfg: TailConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """(image, view) indices of a step's batch. With `w_con`, the first half is the clean view
-    (0) of batch_size // 2 images and the second half one augmented view of each of them."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, view, from the extra views) indices of a step's batch. With `w_con`, the first
+    half is the clean view (0) of batch_size // 2 images and the second half one augmented view
+    of each of them: of the main cache, or (with probability `con_p`, when there are
+    `con_views`) of the extra views."""
     if not cfg.w_con:
         idx = rng.choice(n, cfg.batch_size, replace=n < cfg.batch_size)
-        return idx, rng.integers(0, v, cfg.batch_size)
+        return idx, rng.integers(0, v, cfg.batch_size), np.zeros(cfg.batch_size, bool)
     half = max(1, cfg.batch_size // 2)
     idx = rng.choice(n, half, replace=n < half)
-    return np.concatenate([idx, idx]), np.concatenate([np.zeros(half, int),
-                                                       rng.integers(1, v, half)])  # fmt: skip
+    view = np.concatenate([np.zeros(half, int), rng.integers(1, v, half)])
+    extra = np.zeros(2 * half, bool)
+    if cfg.con_views:
+        extra[half:] = rng.random(half) < cfg.con_p
+        view[half:][extra[half:]] = rng.integers(0, cfg.con_views, int(extra[half:].sum()))
+    return np.concatenate([idx, idx]), view, extra
 
 
 def _state_uri(cfg: TailConfig) -> str:
@@ -335,7 +361,7 @@ def _state_uri(cfg: TailConfig) -> str:
 
 # settings that do not change what a step computes: a run may resume with other values of these
 _NOT_RECIPE = ("out", "cache_dir", "teacher_from", "checkpoint_every", "eval_every", "eval_root",
-               "threads")  # fmt: skip
+               "threads", "con_cache_dir")  # fmt: skip
 
 
 def _recipe(cfg: TailConfig) -> dict:
@@ -392,7 +418,7 @@ def train_tail(
     uris = [uris[i] for i in np.random.default_rng(cfg.seed).permutation(len(uris))]
     if cfg.max_images:
         uris = uris[: cfg.max_images]
-    start = start_student(cfg)
+    start, head_trained = _start(cfg)
     teacher = load_model(cfg.teacher, teacher_size=cfg.size)
     vc_cfg = viewcache.ViewCacheConfig(views=cfg.views, size=cfg.size, from_block=cfg.from_block,
                                        seed=cfg.seed)  # fmt: skip
@@ -402,7 +428,10 @@ def train_tail(
                             teacher_name=cfg.teacher, teacher_from=cfg.teacher_from)  # fmt: skip
     cache_s = time.perf_counter() - t0
     n_cached = len(cache)
+    extra = _extra_views(cfg, cache_dir, uris, start, cache)
     cache, val = split(cache, cfg.val_images)
+    if extra is not None:
+        extra = split(extra, cfg.val_images)[0]
     n, v = cache.maps.shape[:2]
     log.info("tail trainer: %d images x %d views cached (%.0f s), %d of them for validation",
              n_cached, v, cache_s, len(val))  # fmt: skip
@@ -413,7 +442,8 @@ def train_tail(
     if state is None:
         if cfg.start == PACKAGE_START:
             fit_project(net, cache, cfg, val=val)
-        net = fit_head(net, cache, cfg, cfg.dim, val=val)  # start the head where the loss wants it
+        if cfg.refit_head or not head_trained:  # start the head where the loss wants it
+            net = fit_head(net, cache, cfg, cfg.dim, val=val)
     params = _trainable(net, cfg.from_block)
     heads = {id(p) for p in (*net.project.parameters(), *net.head.parameters())}
     opt = torch.optim.AdamW(
@@ -441,10 +471,18 @@ def train_tail(
         for g in opt.param_groups:
             g["lr"] = lr * g["scale"]
         rng = np.random.default_rng([cfg.seed, step])
-        idx, view = _batch(rng, n, v, cfg)
-        x = torch.from_numpy(cache.maps[idx, view]).float()
-        t = F.normalize(targets[idx, view], dim=1)
-        h, z = viewcache.tail(net, x, cfg.from_block)
+        idx, view, from_extra = _batch(rng, n, v, cfg)
+        x = cache.maps[idx, view] if not from_extra.any() else np.stack(
+            [(extra if e else cache).maps[i, j] for i, j, e in zip(idx, view, from_extra,
+                                                                    strict=True)])  # fmt: skip
+        h, z = viewcache.tail(net, torch.from_numpy(x).float(), cfg.from_block)
+        z_all = z
+        if from_extra.any():  # the feature terms only where the teacher labelled the view
+            keep = torch.from_numpy(~from_extra)
+            h, z, idx_t, view_t = h[keep], z[keep], idx[~from_extra], view[~from_extra]
+        else:
+            idx_t, view_t = idx, view
+        t = F.normalize(targets[idx_t, view_t], dim=1)
         z_t = project_targets(t, mean, axes)
         loss = cfg.w_feat * feature_loss(h, t) + cfg.w_desc * feature_loss(z, z_t)
         if cfg.w_rel or cfg.w_con:
@@ -457,7 +495,7 @@ def train_tail(
             loss = loss + cfg.w_rel * rel
         if cfg.w_con:
             own = torch.from_numpy(idx[: len(idx) // 2, None] == mi[0][None, :])
-            loss = loss + cfg.w_con * cross_view_loss(z, memory, own, cfg.t_con)
+            loss = loss + cfg.w_con * cross_view_loss(z_all, memory, own, cfg.t_con)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -507,24 +545,52 @@ def train_tail(
 PACKAGE_START = "efficientnet-lite0"
 
 
+def _extra_views(cfg: TailConfig, cache_dir: str, uris: list[str], start: StudentNet,
+                 cache: viewcache.ViewCache) -> viewcache.ViewCache | None:  # fmt: skip
+    """The cache of `con_views` contrast-only views of the same images (built or resumed), row
+    for row beside `cache`; None without con_views."""
+    if not cfg.con_views:
+        return None
+    vc_cfg = viewcache.ViewCacheConfig(views=cfg.con_views, size=cfg.size, seed=cfg.seed + 1,
+                                       from_block=cfg.from_block, augment=cfg.con_augment,
+                                       clean_view=False)  # fmt: skip
+    folder = cfg.con_cache_dir or cache_dir.rstrip("/") + "-con"
+    t0 = time.perf_counter()
+    extra = viewcache.build(folder, uris, start, None, vc_cfg)
+    if not np.array_equal(extra.index, cache.index):
+        raise viewcache.CacheMismatchError(
+            f"{folder} holds other images than {cache_dir} ({len(extra)} and {len(cache)}); "
+            "use a new con_cache_dir"
+        )
+    log.info("tail trainer: %d extra views per image for the contrast (%s, %.0f s)",
+             cfg.con_views, cfg.con_augment, time.perf_counter() - t0)  # fmt: skip
+    return extra
+
+
 def start_student(cfg: TailConfig) -> StudentNet:
     """The student before the first step (float32, eval mode), of `cfg.dim`."""
+    return _start(cfg)[0]
+
+
+def _start(cfg: TailConfig) -> tuple[StudentNet, bool]:
+    """(start student, whether its head is a trained head of `cfg.dim` that may be kept)."""
     if cfg.start == PACKAGE_START:
         net = StudentNet(StudentConfig(backbone="efficientnet_lite0", dim=cfg.dim))
         load_backbone_weights(net.backbone, "efficientnet_lite0", PACKAGE_START)
-        return net.float().eval()
+        return net.float().eval(), False
     net = load_model(cfg.start).module
     if not isinstance(net, StudentNet):
         raise ValueError(f"start {cfg.start!r} is not a student checkpoint")
     net = net.float().eval()
-    if net.config.dim != cfg.dim:  # same trunk, a head of the new dim (fitted before step 1)
-        config = copy.deepcopy(net.config)
-        config.dim = cfg.dim
-        out = StudentNet(config)
-        state = {k: t for k, t in net.state_dict().items() if not k.startswith("head.")}
-        out.load_state_dict(state, strict=False)
-        net = out.eval()
-    return net
+    if net.config.dim == cfg.dim:
+        return net, True
+    # same trunk, a head of the new dim (fitted before step 1)
+    config = copy.deepcopy(net.config)
+    config.dim = cfg.dim
+    out = StudentNet(config)
+    state = {k: t for k, t in net.state_dict().items() if not k.startswith("head.")}
+    out.load_state_dict(state, strict=False)
+    return out.eval(), False
 
 
 def _pooled(net: StudentNet, maps: np.ndarray, from_block: int) -> torch.Tensor:

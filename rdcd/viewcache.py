@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from rdcd import io as rio
-from rdcd.augment import AugmentConfig, augment, view_rng
+from rdcd.augment import augment, preset, view_rng
 from rdcd.decode import DecodeError, decode_image, resize_square
 from rdcd.models.embedder import IMAGENET_MEAN, IMAGENET_STD
 from rdcd.models.student import StudentNet
@@ -54,6 +54,15 @@ class ViewCacheConfig:
     seed: int = 0
     chunk: int = 256  # images per chunk file
     decode_threads: int = 2
+    augment: str = "sscd"  # a preset of `rdcd.augment.PRESETS`
+    # the first view is the clean image; False: every view is augmented (a cache of extra
+    # views beside one that has the clean view)
+    clean_view: bool = True
+
+
+def _same_setup(found: dict, cfg: ViewCacheConfig) -> bool:
+    """A cache.json made before a setting existed was made with that setting's default."""
+    return {**asdict(ViewCacheConfig()), **found} == asdict(cfg)
 
 
 def _normalise(pixels: np.ndarray) -> torch.Tensor:
@@ -105,18 +114,31 @@ def listing_digest(uris: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(uris).encode()).hexdigest()
 
 
-def views_of(uri: str, index: int, cfg: ViewCacheConfig) -> np.ndarray | None:
-    """The `cfg.views` views of one image (uint8, views x size x size x 3); None when the image
-    cannot be read or decoded (it is logged and left out of training)."""
+def _decode(uri: str, cfg: ViewCacheConfig):
     try:
-        img = decode_image(rio.read_bytes(uri), size=cfg.size * 2)
+        return decode_image(rio.read_bytes(uri), size=cfg.size * 2)
     except (DecodeError, rio.StorageError, OSError) as exc:
         log.warning("view cache: skipping %s: %s", uri, exc)
         return None
-    aug = AugmentConfig(size=cfg.size)
-    out = [resize_square(img, cfg.size)]
-    out += [augment(img, view_rng(cfg.seed, index, 0, v), aug) for v in range(1, cfg.views)]
+
+
+def make_views(img, index: int, cfg: ViewCacheConfig, canvas=None) -> np.ndarray:
+    """The `cfg.views` views of one decoded image (uint8, views x size x size x 3): the clean
+    image first (with `clean_view`), then augmentations; `canvas` is another decoded image an
+    overlay view is pasted onto."""
+    aug = preset(cfg.augment, cfg.size)
+    first = 1 if cfg.clean_view else 0
+    out = [resize_square(img, cfg.size)] if cfg.clean_view else []
+    out += [augment(img, view_rng(cfg.seed, index, 0, v), aug, canvas)
+            for v in range(first, cfg.views)]  # fmt: skip
     return np.stack(out)
+
+
+def views_of(uri: str, index: int, cfg: ViewCacheConfig, canvas=None) -> np.ndarray | None:
+    """The views of one image; None when the image cannot be read or decoded (it is logged and
+    left out of training)."""
+    img = _decode(uri, cfg)
+    return None if img is None else make_views(img, index, cfg, canvas)
 
 
 @dataclass
@@ -140,14 +162,15 @@ def build(
     folder: str,
     uris: Sequence[str],
     net: StudentNet,
-    teacher_embed: Callable[[np.ndarray], np.ndarray],
+    teacher_embed: Callable[[np.ndarray], np.ndarray] | None,
     cfg: ViewCacheConfig = ViewCacheConfig(),
     teacher_name: str = "sscd",
     teacher_from: str | None = None,
 ) -> ViewCache:
     """Build (or resume, or just load) the cache of `uris` in the local folder `folder`.
 
-    `teacher_embed` maps uint8 NHWC views (cfg.size square) to descriptors. `teacher_from`: a
+    `teacher_embed` maps uint8 NHWC views (cfg.size square) to descriptors (None: no teacher
+    descriptors, `teacher` of width 0, for views only the student sees). `teacher_from`: a
     cache of the same listing, views, size, seed and teacher made for another front (another
     `from_block` or start); its teacher descriptors are copied chunk by chunk instead of being
     recomputed, which is most of a cache's cost (the views are pure functions of their inputs, so
@@ -158,14 +181,16 @@ def build(
     identity = {
         "config": asdict(cfg),
         "front": front_digest(net, cfg.from_block),
-        "teacher": teacher_name,
+        "teacher": teacher_name if teacher_embed is not None else None,
     }
     meta = os.path.join(folder, "cache.json")
     if os.path.exists(meta):
         with open(meta) as f:
             found = json.load(f)
         for key in identity:
-            if found.get(key) != identity[key]:
+            same = (_same_setup(found.get(key, {}), cfg) if key == "config"
+                    else found.get(key) == identity[key])  # fmt: skip
+            if not same:
                 raise CacheMismatchError(
                     f"{folder}: the cache was made with another {key} "
                     f"({found.get(key)!r} != {identity[key]!r}); use a new folder"
@@ -191,14 +216,22 @@ def build(
             idx, maps, targets = [], [], []
             for b in range(lo, hi, 32):
                 ids = list(range(b, min(hi, b + 32)))
-                got = list(pool.map(lambda i: views_of(uris[i], i, cfg), ids))
-                made = [(i, v) for i, v in zip(ids, got, strict=True) if v is not None]
+                imgs = list(pool.map(lambda i: _decode(uris[i], cfg), ids))
+                ok = [k for k, im in enumerate(imgs) if im is not None]
+                # an overlay view's canvas: the next readable image of the batch
+                canvas = {k: imgs[ok[(j + 1) % len(ok)]] if len(ok) > 1 else None
+                          for j, k in enumerate(ok)}  # fmt: skip
+                got = list(pool.map(make_views, [imgs[k] for k in ok], [ids[k] for k in ok],
+                                    [cfg] * len(ok), [canvas[k] for k in ok]))  # fmt: skip
+                made = [(ids[k], v) for k, v in zip(ok, got, strict=True)]
                 if not made:
                     continue
                 px = np.concatenate([v for _, v in made])
                 f = front(net, px, cfg.from_block).half().numpy()
                 ids_made = [i for i, _ in made]
-                if known is not None and all(i in known for i in ids_made):
+                if teacher_embed is None:  # a cache of views for the student only
+                    t = np.zeros((len(px), 0), np.float32)
+                elif known is not None and all(i in known for i in ids_made):
                     t = np.concatenate([known[i] for i in ids_made])
                     reused += len(ids_made)
                 else:
@@ -227,8 +260,8 @@ def _teacher_donor(folder: str | None, cfg: ViewCacheConfig, teacher_name: str) 
         raise FileNotFoundError(f"teacher_from {folder}: no cache.json there")
     with open(meta) as f:
         found = json.load(f)
-    same = ("views", "size", "seed", "chunk")
-    theirs = found.get("config", {})
+    same = ("views", "size", "seed", "chunk", "augment", "clean_view")
+    theirs = {**asdict(ViewCacheConfig()), **found.get("config", {})}
     if found.get("teacher") != teacher_name or any(theirs.get(k) != getattr(cfg, k) for k in same):
         raise CacheMismatchError(
             f"teacher_from {folder}: made with other views or teacher ({theirs}, "

@@ -68,3 +68,23 @@ def test_random_resized_crop_respects_scale(img):
     assert out.size == (64, 64)
     full = np.asarray(img.resize((64, 64)), dtype=float)
     assert np.abs(np.asarray(out, dtype=float) - full).mean() > 10  # a small crop, not the whole
+
+
+def test_an_overlay_view_pastes_the_whole_view_onto_the_canvas(img):
+    white = Image.new("RGB", (300, 200), (255, 255, 255))
+    black = Image.new("RGB", (400, 300), (0, 0, 0))
+    cfg = replace(OFF, overlay_p=1.0, size=96)
+    for seed in range(5):
+        out = augment(white, random.Random(seed), cfg, canvas=black)
+        share = (out.min(axis=2) > 200).mean()  # the pasted view's pixels
+        assert 0.35**2 * 0.7 < share < 0.75, share
+        assert (out.max(axis=2) < 50).mean() > 0.25  # most of the rest is the canvas
+    # no canvas, or SSCD's setting: the view is what it was before overlays existed
+    assert np.array_equal(
+        augment(img, random.Random(3), cfg),
+        augment(img, random.Random(3), replace(cfg, overlay_p=0.0)),
+    )
+    plain = AugmentConfig()
+    assert np.array_equal(
+        augment(img, random.Random(4), plain), augment(img, random.Random(4), plain, canvas=black)
+    )

@@ -239,8 +239,77 @@ def test_cross_view_loss_rewards_finding_the_other_view_and_skips_the_image_own_
 
 def test_a_contrastive_batch_pairs_each_clean_view_with_an_augmented_one(tmp_path, listing):
     cfg = tiny(listing, "", "", w_con=1.0, batch_size=8)
-    idx, view = _batch(np.random.default_rng(3), 14, 3, cfg)
+    idx, view, extra = _batch(np.random.default_rng(3), 14, 3, cfg)
     assert len(idx) == 8 and list(idx[:4]) == list(idx[4:]) and len(set(idx[:4])) == 4
     assert (view[:4] == 0).all() and ((view[4:] >= 1) & (view[4:] <= 2)).all()
+    assert not extra.any()
     summary = train_tail(tiny(listing, str(tmp_path / "c"), str(tmp_path / "cache"), w_con=1.0))
     assert summary["steps_this_run"] == 8
+
+
+def test_extra_contrast_views_only_replace_the_augmented_side(tmp_path, listing):
+    rng = lambda: np.random.default_rng(5)  # noqa: E731
+    every = tiny(listing, "", "", w_con=1.0, batch_size=16, con_views=2, con_p=1.0)
+    idx, view, extra = _batch(rng(), 14, 3, every)
+    assert not extra[:8].any() and extra[8:].all() and (view[:8] == 0).all()
+    assert set(view[8:]) <= {0, 1}  # indices into the 2 extra views
+    none = tiny(listing, "", "", w_con=1.0, batch_size=16, con_views=2, con_p=0.0)
+    assert not _batch(rng(), 14, 3, none)[2].any()
+    # without extra views the draw is the one a run made before they existed (resumes agree)
+    plain = tiny(listing, "", "", w_con=1.0, batch_size=16)
+    a, b = _batch(rng(), 14, 3, plain), _batch(rng(), 14, 3, none)
+    assert all(np.array_equal(x, y) for x, y in zip(a[:2], b[:2], strict=True))
+    cfg = tiny(listing, str(tmp_path / "x"), str(tmp_path / "cache"), w_con=1.0, con_views=1,
+               con_p=0.5, steps=4)  # fmt: skip
+    summary = train_tail(cfg)
+    assert summary["steps_this_run"] == 4
+    extra_cache = viewcache.load(str(tmp_path / "cache") + "-con")
+    main = viewcache.load(str(tmp_path / "cache"))
+    assert np.array_equal(extra_cache.index, main.index)
+    assert extra_cache.maps.shape[1] == 1 and extra_cache.teacher.shape[-1] == 0
+    with pytest.raises(ValueError, match="w_con"):
+        tiny(listing, "", "", con_views=1).validate()
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        tiny(listing, "", "", w_con=1.0, con_views=1, con_augment="wild").validate()
+
+
+def test_a_cache_made_before_the_augment_setting_still_loads(tmp_path, listing):
+    import json
+
+    from rdcd.finetune import list_images, start_student
+
+    cfg = tiny(listing, "", "")
+    uris, net = list_images(listing)[:4], start_student(cfg)
+    vc = viewcache.ViewCacheConfig(views=2, size=64, from_block=5)
+    folder = tmp_path / "old"
+    made = viewcache.build(str(folder), uris, net, None, vc)
+    meta = json.loads((folder / "cache.json").read_text())
+    for key in ("augment", "clean_view"):
+        del meta["config"][key]  # as a cache of the previous release wrote it
+    (folder / "cache.json").write_text(json.dumps(meta))
+    again = viewcache.build(str(folder), uris, net, None, vc)
+    assert np.array_equal(made.maps, again.maps)
+    with pytest.raises(viewcache.CacheMismatchError, match="config"):
+        viewcache.build(
+            str(folder),
+            uris,
+            net,
+            None,
+            viewcache.ViewCacheConfig(views=2, size=64, from_block=5, augment="copy"),
+        )
+
+
+def test_a_trained_head_of_the_same_dim_is_kept_unless_refitted(tmp_path, listing):
+    cache = str(tmp_path / "cache")
+    first = tiny(listing, str(tmp_path / "a"), cache, steps=4)
+    train_tail(first)
+    start = str(tmp_path / "a" / "student.pt")
+    head = load_model(start).module.head.weight.detach().float()
+
+    def head_after(refit: bool) -> torch.Tensor:
+        out = str(tmp_path / f"b{refit}")
+        train_tail(tiny(listing, out, cache, start=start, refit_head=refit, steps=1, lr=0.0))
+        return load_model(out + "/student.pt").module.head.weight.detach().float()
+
+    assert torch.allclose(head_after(False), head, atol=1e-3)
+    assert not torch.allclose(head_after(True), head, atol=1e-3)
