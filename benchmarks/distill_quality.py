@@ -282,8 +282,43 @@ def dims_table(root: str, models: list[tuple[str, str]], dims=(256, 128, 64)) ->
                 m = evaluate_predictions(preds, gt)
                 out["uap" + key] = m["uap"]
                 out["recall_at_p90" + key] = m.get("recall_at_p90", float("nan"))
+            if d == model.dim:
+                out["recall1_by_edit"] = recall_by_edit(root, q_ids, r_ids, found.indices, gt)
             rows.append(out)
     return rows
+
+
+def recall_by_edit(root: str, q_ids: list[str], r_ids: list[str], indices: np.ndarray,
+                   gt) -> dict[str, list]:  # fmt: skip
+    """{edit family: [copies with it, share whose top-1 is the true reference]} from the set's
+    sources.csv: which edits a student loses, which is where its next recipe should look."""
+    path = rio.join(root, "sources.csv")
+    if not rio.exists(path):
+        return {}
+    edits = {r["id"]: r["edits"] for r in csv.DictReader(rio.read_text(path).splitlines())}
+    truth = dict(gt.pairs)
+    hits = defaultdict(list)
+    for qi, q in enumerate(q_ids):
+        if q not in truth:
+            continue
+        top = indices[qi][0]
+        ok = top >= 0 and r_ids[top] == truth[q]
+        for name in ["all", *(e for e in edits.get(q, "").split("+") if e)]:
+            hits[name].append(ok)
+    return {k: [len(v), round(float(np.mean(v)), 3)] for k, v in sorted(hits.items())}
+
+
+def print_by_edit(rows: list[dict]) -> None:
+    own = [r for r in rows if r.get("recall1_by_edit")]
+    if not own:
+        return
+    names = sorted({k for r in own for k in r["recall1_by_edit"]}, key=lambda k: (k != "all", k))
+    print("\nrecall@1 of the copies by edit (each model at its own dim; a copy has 2-5 edits)")
+    print(f"{'edit':<12}{'n':>5}" + "".join(f"{r['model'][-22:]:>24}" for r in own))
+    for k in names:
+        n = next(r["recall1_by_edit"][k][0] for r in own if k in r["recall1_by_edit"])
+        vals = [r["recall1_by_edit"].get(k, [0, float("nan")])[1] for r in own]
+        print(f"{k:<12}{n:>5}" + "".join(f"{v:>24.2f}" for v in vals))
 
 
 def print_dims_table(rows: list[dict]) -> None:
@@ -375,6 +410,7 @@ def main() -> None:
         models += [(f"student {_short(st)}", st) for st in args.student]
         rows = dims_table(root, models)
         print_dims_table(rows)
+        print_by_edit(rows)
         if args.json:
             rio.write_text(args.json, json.dumps({"eval_set": counts, "rows": rows,
                                                   "hardware": f"{os.cpu_count()} CPUs, no GPU"},
