@@ -101,6 +101,9 @@ class TailConfig:
     con_views: int = 0
     con_augment: str = "copy"
     con_p: float = 0.5
+    # label the extra views with the teacher too (its descriptors cost ~3x the fronts): then the
+    # feature terms also ask the student to see an overlay copy as the teacher does
+    con_teacher: bool = False
     con_cache_dir: str | None = None
     memory_size: int = 4096
     ema: float = 0.99
@@ -152,6 +155,8 @@ class TailConfig:
             raise ValueError("w_con must be at least 0 and t_con above 0")
         if self.con_views < 0 or not 0.0 <= self.con_p <= 1.0:
             raise ValueError("con_views must be at least 0 and con_p in [0, 1]")
+        if self.con_teacher and not self.con_views:
+            raise ValueError("con_teacher labels the extra views: set con_views too")
         if self.con_views and not self.w_con:
             raise ValueError("con_views are views for the contrast: set w_con above 0 too")
         from rdcd.augment import preset
@@ -428,7 +433,7 @@ def train_tail(
                             teacher_name=cfg.teacher, teacher_from=cfg.teacher_from)  # fmt: skip
     cache_s = time.perf_counter() - t0
     n_cached = len(cache)
-    extra = _extra_views(cfg, cache_dir, uris, start, cache)
+    extra = _extra_views(cfg, cache_dir, uris, start, cache, teacher)
     cache, val = split(cache, cfg.val_images)
     if extra is not None:
         extra = split(extra, cfg.val_images)[0]
@@ -472,17 +477,16 @@ def train_tail(
             g["lr"] = lr * g["scale"]
         rng = np.random.default_rng([cfg.seed, step])
         idx, view, from_extra = _batch(rng, n, v, cfg)
-        x = cache.maps[idx, view] if not from_extra.any() else np.stack(
-            [(extra if e else cache).maps[i, j] for i, j, e in zip(idx, view, from_extra,
-                                                                    strict=True)])  # fmt: skip
+        pair_idx = idx[: len(idx) // 2]  # the images of the contrast pairs
+        x = _pick(cache, extra, "maps", idx, view, from_extra)
         h, z = viewcache.tail(net, torch.from_numpy(x).float(), cfg.from_block)
         z_all = z
-        if from_extra.any():  # the feature terms only where the teacher labelled the view
-            keep = torch.from_numpy(~from_extra)
-            h, z, idx_t, view_t = h[keep], z[keep], idx[~from_extra], view[~from_extra]
-        else:
-            idx_t, view_t = idx, view
-        t = F.normalize(targets[idx_t, view_t], dim=1)
+        if extra is not None and not extra.teacher.shape[-1]:  # feature terms where labelled
+            keep = ~from_extra
+            h, z = h[torch.from_numpy(keep)], z[torch.from_numpy(keep)]
+            idx, view, from_extra = idx[keep], view[keep], from_extra[keep]
+        t = F.normalize(torch.from_numpy(_pick(cache, extra, "teacher", idx, view, from_extra)),
+                        dim=1)  # fmt: skip
         z_t = project_targets(t, mean, axes)
         loss = cfg.w_feat * feature_loss(h, t) + cfg.w_desc * feature_loss(z, z_t)
         if cfg.w_rel or cfg.w_con:
@@ -494,7 +498,7 @@ def train_tail(
             rel = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
             loss = loss + cfg.w_rel * rel
         if cfg.w_con:
-            own = torch.from_numpy(idx[: len(idx) // 2, None] == mi[0][None, :])
+            own = torch.from_numpy(pair_idx[:, None] == mi[0][None, :])
             loss = loss + cfg.w_con * cross_view_loss(z_all, memory, own, cfg.t_con)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -545,8 +549,18 @@ def train_tail(
 PACKAGE_START = "efficientnet-lite0"
 
 
+def _pick(cache: viewcache.ViewCache, extra: viewcache.ViewCache | None, what: str,
+          idx: np.ndarray, view: np.ndarray, from_extra: np.ndarray) -> np.ndarray:  # fmt: skip
+    """`what` ("maps" or "teacher") of the (image, view) pairs, each from the main cache or
+    from the extra views."""
+    if not from_extra.any():
+        return getattr(cache, what)[idx, view]
+    return np.stack([getattr(extra if e else cache, what)[i, j]
+                     for i, j, e in zip(idx, view, from_extra, strict=True)])  # fmt: skip
+
+
 def _extra_views(cfg: TailConfig, cache_dir: str, uris: list[str], start: StudentNet,
-                 cache: viewcache.ViewCache) -> viewcache.ViewCache | None:  # fmt: skip
+                 cache: viewcache.ViewCache, teacher) -> viewcache.ViewCache | None:  # fmt: skip
     """The cache of `con_views` contrast-only views of the same images (built or resumed), row
     for row beside `cache`; None without con_views."""
     if not cfg.con_views:
@@ -556,7 +570,8 @@ def _extra_views(cfg: TailConfig, cache_dir: str, uris: list[str], start: Studen
                                        clean_view=False)  # fmt: skip
     folder = cfg.con_cache_dir or cache_dir.rstrip("/") + "-con"
     t0 = time.perf_counter()
-    extra = viewcache.build(folder, uris, start, None, vc_cfg)
+    extra = viewcache.build(folder, uris, start, teacher.embed if cfg.con_teacher else None,
+                            vc_cfg, teacher_name=cfg.teacher)  # fmt: skip
     if not np.array_equal(extra.index, cache.index):
         raise viewcache.CacheMismatchError(
             f"{folder} holds other images than {cache_dir} ({len(extra)} and {len(cache)}); "

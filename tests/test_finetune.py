@@ -267,6 +267,13 @@ def test_extra_contrast_views_only_replace_the_augmented_side(tmp_path, listing)
     main = viewcache.load(str(tmp_path / "cache"))
     assert np.array_equal(extra_cache.index, main.index)
     assert extra_cache.maps.shape[1] == 1 and extra_cache.teacher.shape[-1] == 0
+    labelled = tiny(listing, str(tmp_path / "y"), str(tmp_path / "cache"), w_con=1.0, con_views=1,
+                    con_teacher=True, con_cache_dir=str(tmp_path / "con-t"), steps=2)  # fmt: skip
+    assert train_tail(labelled)["steps_this_run"] == 2
+    assert viewcache.load(str(tmp_path / "con-t")).teacher.shape[-1] == main.teacher.shape[-1]
+    with pytest.raises(viewcache.CacheMismatchError, match="teacher"):  # not the unlabelled one
+        train_tail(tiny(listing, str(tmp_path / "z"), str(tmp_path / "cache"), w_con=1.0,
+                        con_views=1, con_teacher=True, steps=2))  # fmt: skip
     with pytest.raises(ValueError, match="w_con"):
         tiny(listing, "", "", con_views=1).validate()
     with pytest.raises(ValueError, match="unknown augmentation"):
