@@ -276,6 +276,10 @@ def test_extra_contrast_views_only_replace_the_augmented_side(tmp_path, listing)
                         con_views=1, con_teacher=True, steps=2))  # fmt: skip
     with pytest.raises(ValueError, match="w_con"):
         tiny(listing, "", "", con_views=1).validate()
+    with pytest.raises(ValueError, match="con_views"):
+        tiny(listing, "", "", w_con=1.0, con_teacher=True).validate()
+    with pytest.raises(ValueError, match="con_p"):
+        tiny(listing, "", "", w_con=1.0, con_views=1, con_p=1.5).validate()
     with pytest.raises(ValueError, match="unknown augmentation"):
         tiny(listing, "", "", w_con=1.0, con_views=1, con_augment="wild").validate()
 
