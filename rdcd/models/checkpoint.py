@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 FORMAT = "rdcd-student-v1"
 # Buffers a checkpoint may lack (written before they existed); they load as the identity, and the
 # fingerprint stays that of the tensors the file holds.
-OPTIONAL_BUFFERS = ("feat_mean", "feat_scale")
+OPTIONAL_BUFFERS = ("feat_mean", "feat_scale", "white_mean", "white_proj")
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -110,7 +110,7 @@ def parse_checkpoint(data: bytes, source: str = "<bytes>") -> tuple[StudentNet, 
         )
     model = StudentNet(config)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    for key in OPTIONAL_BUFFERS:  # checkpoints from before the feature standardisation
+    for key in OPTIONAL_BUFFERS:  # checkpoints from before the standardisation / whitening
         weights.setdefault(key, model.state_dict()[key])
     try:
         model.load_state_dict(weights)

@@ -125,6 +125,9 @@ class StudentNet(nn.Module):
         self.head = nn.Linear(config.hidden_dim, config.dim)
         self.register_buffer("feat_mean", torch.zeros(self.num_features))
         self.register_buffer("feat_scale", torch.ones(self.num_features))
+        # descriptor whitening (fixed, fitted after training; identity until then): see `whiten`
+        self.register_buffer("white_mean", torch.zeros(config.dim))
+        self.register_buffer("white_proj", torch.eye(config.dim))
 
     @torch.no_grad()
     def standardise(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -140,6 +143,39 @@ class StudentNet(nn.Module):
         b.copy_(b_raw + w_raw @ mean)
         self.feat_mean.copy_(mean)
         self.feat_scale.copy_(scale)
+
+    @torch.no_grad()
+    def whiten(self, mean: torch.Tensor, projection: torch.Tensor) -> None:
+        """Make the descriptor `normalise((z - mean) @ projection)` of the head's normalised
+        output `z`. Trained descriptors are anisotropic (a few directions carry most of the
+        variance, and the contrast adds a component every image shares), which raises every
+        unrelated pair's cosine unevenly across queries; (partial) PCA whitening fitted on
+        training images spreads the variance, and measured +0.03 held-out µAP on the default
+        student. A fixed map like `feat_mean`: training sets it back to the identity first."""
+        if projection.shape != self.white_proj.shape or mean.shape != self.white_mean.shape:
+            raise ValueError(
+                f"whitening for a {self.config.dim}-d descriptor needs a ({self.config.dim},) mean"
+                f" and a {tuple(self.white_proj.shape)} projection"
+            )
+        self.white_mean.copy_(mean.to(self.white_mean))
+        self.white_proj.copy_(projection.to(self.white_proj))
+
+    @torch.no_grad()
+    def clear_whitening(self) -> None:
+        self.white_mean.zero_()
+        self.white_proj.copy_(torch.eye(self.config.dim))
+
+    @property
+    def is_whitened(self) -> bool:
+        eye = torch.eye(self.config.dim, device=self.white_proj.device)
+        return bool(
+            self.white_mean.abs().sum() > 0 or not torch.equal(self.white_proj.float(), eye)
+        )
+
+    def descriptor(self, h: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised d-dim descriptor of `h_S`: the head, then the whitening."""
+        z = F.normalize(self.head(h), dim=1)
+        return F.normalize((z - self.white_mean) @ self.white_proj, dim=1)
 
     @property
     def is_standardised(self) -> bool:
@@ -159,8 +195,7 @@ class StudentNet(nn.Module):
         """Returns (`h_S`, unnormalised 512-d; `z_S`, the L2-normalised d-dim descriptor)."""
         f = (self.pooled(x) - self.feat_mean) * self.feat_scale
         h = self.project(f)
-        z = F.normalize(self.head(h), dim=1)
-        return h, z
+        return h, self.descriptor(h)
 
     def forward(self, x: torch.Tensor, return_hidden: bool = False):
         """The descriptor; with `return_hidden`, (`h_S`, descriptor) as for distillation."""
