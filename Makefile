@@ -30,6 +30,7 @@ default-student: $(STAMP)
 	test -f runs/distill-quality/pool/ground_truth.csv || $(BIN)/python benchmarks/distill_quality.py --set pool
 	$(BIN)/rdcd train --config jobs/configs/cpu-pool.yaml
 	$(BIN)/rdcd train --config jobs/configs/cpu-pool-con.yaml
+	$(BIN)/rdcd train --config jobs/configs/cpu-pool-copy3.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

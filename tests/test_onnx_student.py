@@ -119,9 +119,12 @@ def test_onnx_fp32_matches_torch(student, photos, builds):
 
 def test_int8_default_student_agrees_with_torch_on_real_photos(photos):
     """The shipped student in int8 against its torch fp32 descriptors, on hold-out photos
-    (every 4th: never calibration images). Measured on 2 cores: mean cosine 0.991, min 0.929 for
-    the blocks 4-6 default (its blocks-5-6 predecessor: 0.989, min 0.960); the library's own gate
-    on calibration agreement is mean 0.98, min 0.90."""
+    (every 4th: never calibration images). Measured on 2 cores: mean cosine 0.986, min 0.879 for
+    the whitened stage-3 default (the whitening scales low-variance axes up, the trunk's int8
+    noise with them; keeping the linear layers after the pooling in fp32 only moved it to 0.988 /
+    0.882, so they are quantised too), 0.991 / 0.929 for its unwhitened predecessor; matching is
+    unchanged (photos set µAP 0.893 int8 against 0.894). The library's own gate on calibration
+    agreement is mean 0.98, min 0.90 (this default: 0.990 / 0.958)."""
     from rdcd.models.resolve import default_student_path
 
     if default_student_path() is None:
@@ -132,7 +135,7 @@ def test_int8_default_student_agrees_with_torch_on_real_photos(photos):
     reference = load_model("default")
     pixels = _pixels(photos[::4][:40], reference.image_size)
     c = rexport.cosines(reference.embed(pixels), int8.embed(pixels))
-    assert c.mean() > 0.98 and c.min() > 0.91, (c.mean(), c.min())
+    assert c.mean() > 0.98 and c.min() > 0.85, (c.mean(), c.min())
     record = int8.record
     assert record["agreement_vs_fp32"]["mean_cosine"] >= rexport.INT8_MIN_MEAN_COSINE
     assert record["calibration"]["images"] >= 200 and record["calibration"]["seed"] == 0
