@@ -170,8 +170,11 @@ class TailConfig:
             raise ValueError("con_views must be at least 0 and con_p in [0, 1]")
         if self.con_teacher and not self.con_views:
             raise ValueError("con_teacher labels the extra views: set con_views too")
-        if not 0.0 <= self.whiten_power <= 1.0 or self.whiten_images < 2:
-            raise ValueError("whiten_power must be in [0, 1] and whiten_images at least 2")
+        if not 0.0 <= self.whiten_power <= 1.0:
+            raise ValueError("whiten_power must be in [0, 1]")
+        if self.whiten_power and self.whiten_images <= self.dim:
+            raise ValueError(f"whiten_images must exceed dim ({self.dim}): a {self.dim}-d "
+                             "whitening needs more images than axes")  # fmt: skip
         if self.w_koleo < 0 or (self.w_koleo and not self.w_con):
             raise ValueError("w_koleo must be at least 0, and above 0 only with w_con")
         if self.con_views and not self.w_con:
@@ -300,20 +303,26 @@ def fit_head(
     return out.eval()
 
 
+def whitening_images(cfg: TailConfig, cached: int, dim: int) -> int:
+    """How many training images fit the whitening; refused (before any training step, too)
+    when they are not more than the descriptor's axes."""
+    n = min(cfg.whiten_images, cached)
+    if n <= dim:
+        raise ValueError(f"whitening a {dim}-d descriptor needs more than {dim} training "
+                         f"images; the cache has {cached} outside validation")  # fmt: skip
+    return n
+
+
 @torch.no_grad()
 def fit_whitening(net: StudentNet, cache: viewcache.ViewCache, cfg: TailConfig) -> dict:
     """Set `net`'s descriptor whitening (`StudentNet.whiten`, power `cfg.whiten_power`) from
     its descriptors of the clean views of up to `cfg.whiten_images` training images, a seeded
     draw. Fitted on training images, never on a set it is scored on (measured on the default
     student: clean views at the training size fit it as well as the images at inference size)."""
-    n = len(cache)
-    if n <= net.config.dim:
-        raise ValueError(f"whitening a {net.config.dim}-d descriptor needs more than "
-                         f"{net.config.dim} training images, the cache has {n}")  # fmt: skip
+    n = whitening_images(cfg, len(cache), net.config.dim)
     from rdcd.search import Whitening
 
-    pick = np.sort(np.random.default_rng(cfg.seed + 7).choice(n, min(cfg.whiten_images, n),
-                                                             replace=False))  # fmt: skip
+    pick = np.sort(np.random.default_rng(cfg.seed + 7).choice(len(cache), n, replace=False))
     net.clear_whitening()
     z = torch.cat([viewcache.tail(net, torch.from_numpy(cache.maps[pick[i : i + 128], 0]).float(),
                                   cfg.from_block)[1]
@@ -482,6 +491,8 @@ def train_tail(
     if extra is not None:
         extra = split(extra, cfg.val_images)[0]
     n, v = cache.maps.shape[:2]
+    if cfg.whiten_power:  # refused now, not after the last step
+        whitening_images(cfg, n, max([cfg.dim, *cfg.extra_dims]))
     log.info("tail trainer: %d images x %d views cached (%.0f s), %d of them for validation",
              n_cached, v, cache_s, len(val))  # fmt: skip
 

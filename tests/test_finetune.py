@@ -392,3 +392,10 @@ def test_whitening_is_fitted_after_training_and_dropped_from_a_start(tmp_path, l
     assert not start_student(start).is_whitened
     with pytest.raises(ValueError, match="whiten_power"):
         TailConfig(images="x", whiten_power=2.0).validate()
+    with pytest.raises(ValueError, match="whiten_images must exceed dim"):
+        TailConfig(images="x", whiten_power=0.25, whiten_images=256).validate()
+    # a cache with no more training images than axes: refused before the first step
+    few = tiny(listing, str(tmp_path / "few"), cache, dim=16, extra_dims=[], whiten_power=0.25)
+    with pytest.raises(ValueError, match="needs more than 16 training images"):
+        train_tail(few)
+    assert not (tmp_path / "few" / "state.pt").exists()
